@@ -1,0 +1,233 @@
+"""Safe, lazy reading of safetensors checkpoints (single file or sharded).
+
+Headers are parsed and checked (offsets inside the file, no overlap, sizes that match
+shapes, a sane header size) before any tensor is read, so a corrupt, truncated or
+hostile file is refused with an error naming the file and tensor. Pickle checkpoints
+(``.bin``, ``.pt``) are refused with a hint and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, ModelReferenceError, UnsafeCheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where a tensor lives and what it is, read from a safetensors header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse and check one safetensors file's header without reading tensor data.
+
+    Args:
+        path: The ``.safetensors`` file.
+
+    Returns:
+        Tensor name to :class:`TensorMeta`, in file order.
+
+    Raises:
+        UnsafeCheckpointError: If the file is a pickle or zip archive named ``.safetensors``.
+        CheckpointError: If the header is truncated, oversized, malformed, or lies about
+            offsets (past the end, overlapping, not matching the shape).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise UnsafeCheckpointError(
+                f"{path}: this is a pickle/zip file with a .safetensors name; refusing to read it"
+            )
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated (header says {header_len} bytes, file has {size})")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metas: dict[str, TensorMeta] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: entry is not an object")
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{where}: data_offsets {offsets} point past the end of the file ({data_len} data bytes)")
+        if end - begin != math.prod(shape) * dtype_size(dtype):
+            raise CheckpointError(f"{where}: {end - begin} bytes do not hold shape {shape} of {info['dtype']}")
+        spans.append((begin, end, name))
+        metas[name] = TensorMeta(name, tuple(shape), dtype, path, data_start + begin, end - begin)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return dict(sorted(metas.items(), key=lambda kv: kv[1].offset))
+
+
+def refuse_pickle_only(directory: Path) -> None:
+    """Raise a hint when ``directory`` holds only pickle weights.
+
+    Args:
+        directory: A model directory without safetensors weights.
+
+    Raises:
+        UnsafeCheckpointError: Always, naming the pickle files found, or
+        ModelReferenceError: if there are no weights at all.
+    """
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{directory}: only pickle weights ({', '.join(pickles)}); hubmerge never unpickles. "
+            "Convert them to safetensors first, e.g. `AutoModel.from_pretrained(d).save_pretrained(d, "
+            "safe_serialization=True)` on a machine you trust"
+        )
+    raise ModelReferenceError(f"{directory}: no model.safetensors or {INDEX_FILE} found")
+
+
+class Checkpoint:
+    """A lazily read safetensors checkpoint: one file or an index of shards.
+
+    Args:
+        directory: The model directory.
+        weights: File name of a single-file checkpoint (``model.safetensors`` by default;
+            adapters use ``adapter_model.safetensors``).
+
+    Raises:
+        ModelReferenceError: If the directory or its weights are missing.
+        UnsafeCheckpointError: If only pickle weights are present.
+        CheckpointError: If a file is corrupt or the index names missing files.
+    """
+
+    def __init__(self, directory: Path, weights: str = SINGLE_FILE):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ModelReferenceError(f"{self.directory}: not a directory")
+        index = self.directory / weights.replace(".safetensors", ".safetensors.index.json")
+        single = self.directory / weights
+        if single.is_file():
+            files = [single]
+        elif index.is_file():
+            files = self._index_files(index)
+        else:
+            refuse_pickle_only(self.directory)
+        self.files = files
+        self.meta: dict[str, TensorMeta] = {}
+        for file in files:
+            for name, meta in read_header(file).items():
+                if name in self.meta:
+                    raise CheckpointError(f"{file}: tensor {name!r} also in {self.meta[name].file.name}")
+                self.meta[name] = meta
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _index_files(index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        names = list(dict.fromkeys(weight_map.values()))
+        files = []
+        for name in names:
+            file = (index.parent / name).resolve()
+            if index.parent.resolve() not in file.parents:
+                raise CheckpointError(f"{index}: shard {name!r} lies outside the model directory")
+            if not file.is_file():
+                raise CheckpointError(f"{index}: shard {name!r} is missing")
+            files.append(file)
+        return files
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset)."""
+        return list(self.meta)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(m.nbytes for m in self.meta.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a CPU tensor in its stored dtype).
+
+        Args:
+            name: Tensor name.
+
+        Returns:
+            The tensor.
+
+        Raises:
+            KeyError: If the checkpoint has no such tensor.
+            CheckpointError: If the file cannot be read.
+        """
+        meta = self.meta[name]
+        with self._lock:
+            handle = self._handles.get(meta.file)
+            if handle is None:
+                try:
+                    handle = safe_open(str(meta.file), framework="pt", device="cpu")
+                except Exception as exc:
+                    raise CheckpointError(f"{meta.file}: cannot open ({exc})") from None
+                self._handles[meta.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{meta.file}: cannot read tensor {name!r} ({exc})") from None
+
+    def close(self) -> None:
+        """Release open file handles."""
+        self._handles.clear()

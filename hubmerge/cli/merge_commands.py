@@ -1,0 +1,145 @@
+"""``hubmerge plugins``, ``validate`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..engine import Progress
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the merge commands on the CLI's sub-parsers."""
+    p = sub.add_parser("plugins", help="list merge methods and the plugins that provide them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_plugins)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--schema-only", action="store_true", help="do not resolve the models")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("run", help="run a merge recipe")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--output", "-o", help="output directory (overrides output.path)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the recipe)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory hubmerge did not write")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_run)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List methods with their source plugin and distribution, and plugins that failed."""
+    from ..plugins import load_failures, registered_methods
+
+    methods = registered_methods()
+    failures = load_failures()
+    if args.json:
+        print(json.dumps({
+            "methods": [{**m.method.describe(), "plugin": m.plugin, "distribution": m.distribution}
+                        for m in methods.values()],
+            "failed": [f.__dict__ for f in failures],
+        }, indent=2))
+        return 0
+    width = max((len(n) for n in methods), default=4)
+    print("Methods:")
+    for name, reg in methods.items():
+        print(f"  {name:<{width}}  {reg.method.summary}  [{reg.distribution}]")
+    print("Adapter kinds: lora, dora, ia3 (PEFT)")
+    for failure in failures:
+        print(f"  FAILED plugin {failure.name!r} ({failure.distribution}): {failure.error}")
+    return 0
+
+
+def _load_checked(path: str):
+    from ..recipe import check_recipe, load_recipe
+
+    recipe = load_recipe(path)
+    method = check_recipe(recipe, file=path)
+    return recipe, method
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate schema, method and parameters, then (unless --schema-only) resolve and check inputs."""
+    from ..engine import open_inputs
+
+    recipe, method = _load_checked(args.recipe)
+    if not args.schema_only:
+        inputs = open_inputs(recipe)
+        tensors = len(inputs.base_checkpoint.meta)
+        inputs.close()
+        print(f"{args.recipe}: ok — {method.name} over {len(recipe.experts)} experts, {tensors} tensors")
+    else:
+        print(f"{args.recipe}: schema ok — {method.name} over {len(recipe.experts)} experts")
+    return 0
+
+
+class _Bar:
+    """A tqdm bar over bytes, one per stage."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.stage = None
+
+    def __call__(self, event: Progress) -> None:
+        if not self.enabled:
+            return
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.bytes_total, desc=event.stage, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr)
+        self.bar.n = event.bytes_done
+        self.bar.set_postfix_str(f"{event.tensors_done}/{event.tensors_total} tensors", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe with a progress bar and print where the result went."""
+    from ..engine import merge, open_inputs
+    from ..writer import plan_shards
+
+    recipe, method = _load_checked(args.recipe)
+    if args.dry_run:
+        from ..engine import output_specs
+
+        inputs = open_inputs(recipe)
+        try:
+            out_dtype = None
+            if recipe.output.dtype:
+                import torch
+
+                out_dtype = getattr(torch, recipe.output.dtype)
+            shards = plan_shards(output_specs(inputs.base_checkpoint, out_dtype), recipe.output.shard_size)
+            print(f"method: {method.name} {method.params.model_dump(mode='json')}")
+            print(f"base: {recipe.base} -> {inputs.base.directory}")
+            for expert in inputs.experts:
+                print(f"expert: {expert.label} ({type(expert).__name__}) -> {expert.resolved.directory}")
+            passes = method.prepasses + 1
+            print(f"passes over the inputs: {passes} ({inputs.bytes_per_pass / 1e6:.1f} MB each)")
+            for i, shard in enumerate(shards, 1):
+                print(f"shard {i}/{len(shards)}: {len(shard)} tensors, {sum(s.nbytes for s in shard) / 1e6:.1f} MB")
+            print(f"output: {Path(args.output or recipe.output.path or '?')}")
+        finally:
+            inputs.close()
+        return 0
+    bar = _Bar(enabled=not args.no_progress)
+    try:
+        result = merge(recipe, output=args.output, device=args.device, overwrite=args.overwrite,
+                       progress=bar, file=args.recipe)
+    finally:
+        bar.close()
+    print(f"merged {result.tensors} tensors with {result.method.name} in {result.seconds:.1f}s "
+          f"on {result.device} -> {result.output_dir}")
+    return 0

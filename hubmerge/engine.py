@@ -1,0 +1,374 @@
+"""The streaming merge engine.
+
+For every tensor of the base, in storage order, the engine reads the base tensor and
+each expert's contribution (reader threads, a bounded number of tensors ahead), builds
+the task vectors on the compute device, lets the method merge them, and streams the
+result to the :class:`~hubmerge.writer.ShardedWriter`. Peak memory is a few tensor
+groups; I/O overlaps compute. Methods that need global statistics get them from
+pre-passes over the same stream, whose per-tensor statistics are summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import HubmergeError, IncompatibleModelError, ModelReferenceError, RecipeError
+from .method import MergeMethod, TensorGroup
+from .recipe import Recipe, check_recipe
+from .sources import Expert, ResolvedModel, open_expert, resolve
+from .writer import ShardedWriter, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+#: Weight files never copied from the base (the merge writes its own).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+SKIPPED_FILES = {"README.md", ".gitattributes", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class Progress:
+    """A progress report: ``stage`` is ``"prepass 1/2"``, ``"merge"``..."""
+
+    stage: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; other names are checked.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Returns:
+        The ``torch.device``.
+
+    Raises:
+        RecipeError: If the device is not available here.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {device!r} requested but CUDA is not available", field="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"device {device!r} requested but MPS is not available", field="device")
+    return dev
+
+
+@dataclass
+class MergeInputs:
+    """A recipe's inputs, resolved and opened, checked against each other."""
+
+    base: ResolvedModel
+    base_checkpoint: Checkpoint
+    experts: list[Expert]
+
+    @property
+    def bytes_per_pass(self) -> int:
+        """Bytes read by one pass over all inputs."""
+        return self.base_checkpoint.nbytes + sum(e.nbytes for e in self.experts)
+
+    def close(self) -> None:
+        """Close every input."""
+        self.base_checkpoint.close()
+        for expert in self.experts:
+            expert.close()
+
+
+def open_inputs(recipe: Recipe, *, token: str | None = None) -> MergeInputs:
+    """Resolve the base and experts (downloading Hub repos) and check they fit.
+
+    Args:
+        recipe: A validated recipe.
+        token: Hub token (never logged).
+
+    Returns:
+        The opened :class:`MergeInputs`.
+
+    Raises:
+        ModelReferenceError, HubError, CheckpointError, AdapterError, IncompatibleModelError.
+    """
+    base = resolve(recipe.base, token=token)
+    if base.is_adapter:
+        raise ModelReferenceError(f"base {recipe.base}: is an adapter; the base must be a full model")
+    base_checkpoint = Checkpoint(base.directory)
+    experts: list[Expert] = []
+    try:
+        for ref in recipe.experts:
+            expert = open_expert(resolve(ref, token=token), base_checkpoint)
+            experts.append(expert)
+            expert.check(base_checkpoint)
+    except Exception:
+        base_checkpoint.close()
+        for expert in experts:
+            expert.close()
+        raise
+    return MergeInputs(base, base_checkpoint, experts)
+
+
+@dataclass
+class Fetched:
+    """One tensor's inputs as read from disk (CPU)."""
+
+    name: str
+    base: torch.Tensor
+    expert_payloads: list[Any]
+    nbytes: int
+
+
+def _fetch(inputs: MergeInputs, name: str, with_experts: bool) -> Fetched:
+    base = inputs.base_checkpoint.get(name)
+    payloads = [e.fetch(name) for e in inputs.experts] if with_experts else []
+    nbytes = base.nbytes + sum(_payload_bytes(p) for p in payloads)
+    return Fetched(name, base, payloads, nbytes)
+
+
+def _payload_bytes(payload: Any) -> int:
+    if payload is None:
+        return 0
+    if isinstance(payload, torch.Tensor):
+        return payload.nbytes
+    if isinstance(payload, dict):
+        return sum(_payload_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(_payload_bytes(v) for v in payload)
+    return 0
+
+
+def prefetched(inputs: MergeInputs, names: list[str], *, lookahead: int = 3, threads: int = 2) -> Iterator[Fetched]:
+    """Yield each tensor's inputs, reading up to ``lookahead`` tensors ahead in threads.
+
+    Non-floating tensors of the base are yielded without expert payloads.
+
+    Args:
+        inputs: The opened inputs.
+        names: Tensor names in the order wanted.
+        lookahead: How many tensors may be in flight.
+        threads: Reader threads.
+
+    Yields:
+        :class:`Fetched` in ``names`` order.
+    """
+    meta = inputs.base_checkpoint.meta
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool:
+        pending: list[Future] = []
+        it = iter(names)
+
+        def submit_next() -> None:
+            name = next(it, None)
+            if name is not None:
+                pending.append(pool.submit(_fetch, inputs, name, meta[name].dtype.is_floating_point))
+
+        for _ in range(lookahead):
+            submit_next()
+        try:
+            while pending:
+                fetched = pending.pop(0).result()
+                submit_next()
+                yield fetched
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def build_group(inputs: MergeInputs, fetched: Fetched, device: torch.device, dtype: torch.dtype) -> TensorGroup:
+    """Move a fetched tensor to the device and build its task vectors.
+
+    Args:
+        inputs: The opened inputs.
+        fetched: What the readers read.
+        device: Compute device.
+        dtype: Compute dtype.
+
+    Returns:
+        The :class:`TensorGroup` (deltas stacked on dim 0; zeros where an expert leaves the tensor).
+    """
+    base = fetched.base.to(device=device, dtype=dtype, non_blocking=True)
+    deltas = torch.empty((len(inputs.experts), *base.shape), device=device, dtype=dtype)
+    for i, (expert, payload) in enumerate(zip(inputs.experts, fetched.expert_payloads)):
+        delta = expert.task_vector(fetched.name, payload, base) if payload is not None else None
+        if delta is None:
+            deltas[i].zero_()
+        else:
+            if tuple(delta.shape) != tuple(base.shape):
+                raise IncompatibleModelError(
+                    f"expert {expert.label!r}: task vector of {fetched.name!r} has shape "
+                    f"{list(delta.shape)}, the base has {list(base.shape)}"
+                )
+            deltas[i].copy_(delta)
+    return TensorGroup(fetched.name, base, deltas, [e.label for e in inputs.experts])
+
+
+def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], device: torch.device,
+                  dtype: torch.dtype, progress: ProgressCallback | None = None) -> None:
+    """Stream every floating tensor through the method's pre-passes, summing its statistics.
+
+    Args:
+        method: The merge method (``method.prepasses`` passes).
+        inputs: The opened inputs.
+        names: Tensor names in storage order.
+        device: Compute device.
+        dtype: Compute dtype.
+        progress: Optional progress callback.
+    """
+    floating = [n for n in names if inputs.base_checkpoint.meta[n].dtype.is_floating_point]
+    for pass_index in range(method.prepasses):
+        totals: dict[str, torch.Tensor] = {}
+        done_bytes = 0
+        stage = f"prepass {pass_index + 1}/{method.prepasses}"
+        for count, fetched in enumerate(prefetched(inputs, floating), 1):
+            group = build_group(inputs, fetched, device, dtype)
+            for key, value in method.observe(pass_index, group).items():
+                totals[key] = totals[key] + value if key in totals else value.clone()
+            done_bytes += fetched.nbytes
+            if progress:
+                progress(Progress(stage, count, len(floating), done_bytes, inputs.bytes_per_pass))
+        method.finish_pass(pass_index, totals)
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced and how it went."""
+
+    output_dir: Path
+    recipe: Recipe
+    method: MergeMethod
+    base: ResolvedModel
+    experts: list[ResolvedModel]
+    device: str
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    tensors: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def output_specs(checkpoint: Checkpoint, out_dtype: torch.dtype | None) -> list[TensorSpec]:
+    """Output tensor specs: the base's names and shapes; floating tensors in ``out_dtype`` if given."""
+    specs = []
+    for name, meta in checkpoint.meta.items():
+        dtype = out_dtype if (out_dtype is not None and meta.dtype.is_floating_point) else meta.dtype
+        specs.append(TensorSpec(name, meta.shape, dtype))
+    return specs
+
+
+def copy_model_files(source: Path, writer: ShardedWriter) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of the base into the output.
+
+    Args:
+        source: The base model directory.
+        writer: The output writer.
+
+    Returns:
+        Relative paths copied.
+    """
+    copied = []
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if not path.is_file() or rel.parts[0].startswith(".") or path.name in SKIPPED_FILES:
+            continue
+        if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
+            continue
+        writer.add_file(rel.as_posix(), path)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | None = None,
+          overwrite: bool = False, token: str | None = None, progress: ProgressCallback | None = None,
+          file: str | None = None) -> MergeResult:
+    """Run a single-output merge recipe and write the merged model directory.
+
+    Args:
+        recipe: A schema-valid recipe (method and params are checked here before any work).
+        output: Output directory (overrides ``recipe.output.path``).
+        device: Compute device (overrides ``recipe.device``).
+        overwrite: Replace an existing output directory that hubmerge did not write.
+        token: Hub token for private inputs.
+        progress: Called with :class:`Progress` as tensors are merged.
+        file: Recipe file name for error messages.
+
+    Returns:
+        A :class:`MergeResult`.
+
+    Raises:
+        RecipeError: Bad recipe (method, params, no output path, device).
+        HubmergeError: Any input or output problem, before work starts where possible;
+            on failure no output directory is left behind.
+    """
+    from .lineage import resolved_recipe_yaml
+
+    method = check_recipe(recipe, file=file)
+    if method.output != "model":
+        raise RecipeError(
+            f"method {recipe.method!r} produces a per-task deployment; run it with `hubmerge run`", field="method"
+        )
+    target = Path(output or recipe.output.path or "")
+    if not str(target) or str(target) == ".":
+        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
+    compute_device = resolve_device(device or recipe.device)
+    compute_dtype = getattr(torch, recipe.dtype)
+    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+
+    started = time.perf_counter()
+    inputs = open_inputs(recipe, token=token)
+    writer = None
+    try:
+        names = inputs.base_checkpoint.names()
+        writer = ShardedWriter(target, output_specs(inputs.base_checkpoint, out_dtype),
+                               shard_size=recipe.output.shard_size, overwrite=overwrite)
+        run_prepasses(method, inputs, names, compute_device, compute_dtype, progress)
+        bytes_read = inputs.bytes_per_pass * method.prepasses
+        done_bytes = 0
+        specs = {s.name: s for _, s in writer._order}
+        for count, fetched in enumerate(prefetched(inputs, writer.names), 1):
+            spec = specs[fetched.name]
+            if not fetched.base.dtype.is_floating_point:
+                merged = fetched.base
+            else:
+                group = build_group(inputs, fetched, compute_device, compute_dtype)
+                merged = method.merge_tensor(group)
+                if tuple(merged.shape) != spec.shape:
+                    raise HubmergeError(
+                        f"method {recipe.method!r} returned shape {list(merged.shape)} for {fetched.name!r}, "
+                        f"expected {list(spec.shape)}"
+                    )
+                del group
+            writer.write(fetched.name, merged.to(device="cpu", dtype=spec.dtype))
+            done_bytes += fetched.nbytes
+            if progress:
+                progress(Progress("merge", count, len(names), done_bytes, inputs.bytes_per_pass))
+        bytes_read += inputs.bytes_per_pass
+        copy_model_files(inputs.base.directory, writer)
+        experts = [e.resolved for e in inputs.experts]
+        result = MergeResult(
+            output_dir=target, recipe=recipe, method=method, base=inputs.base, experts=experts,
+            device=str(compute_device), seconds=0.0, bytes_read=bytes_read, bytes_written=writer.bytes_written,
+            tensors=len(names),
+        )
+        writer.add_file("hubmerge_recipe.yaml", resolved_recipe_yaml(result))
+        result.output_dir = writer.finish()
+        result.seconds = time.perf_counter() - started
+        logger.info("merged %d tensors in %.2fs on %s", len(names), result.seconds, compute_device)
+        return result
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        inputs.close()

@@ -1,0 +1,73 @@
+"""One exception hierarchy for hubmerge.
+
+Every exception subclasses :class:`HubmergeError` and, where it refines one, the
+built-in it refines (``ValueError``, ``FileNotFoundError``, ...), in the manner of
+``huggingface_hub.errors``. Messages name the file, field or tensor at fault and
+never contain a token.
+"""
+
+from __future__ import annotations
+
+
+class HubmergeError(Exception):
+    """Base class of every error hubmerge raises on purpose."""
+
+
+class RecipeError(HubmergeError, ValueError):
+    """A recipe is malformed or invalid.
+
+    Args:
+        message: What is wrong.
+        field: Dotted field path at fault (``experts[2].repo``), if known.
+        file: The recipe file, if the recipe came from one.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, file: str | None = None):
+        self.field = field
+        self.file = file
+        self.reason = message
+        where = ": ".join(part for part in (file, field) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PluginError(HubmergeError, RuntimeError):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class UnknownMethodError(HubmergeError, KeyError):
+    """A recipe names a merge method that no loaded plugin provides."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodInputError(HubmergeError, ValueError):
+    """The inputs do not suit the method (wrong number of experts, dtype...)."""
+
+
+class ModelReferenceError(HubmergeError, FileNotFoundError):
+    """A model reference (local directory or Hub repo) cannot be resolved."""
+
+
+class CheckpointError(HubmergeError, ValueError):
+    """A checkpoint file is corrupt, truncated, or not in a safe format."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint is only available as pickle (``.bin``/``.pt``); never unpickled."""
+
+
+class IncompatibleModelError(HubmergeError, ValueError):
+    """An expert's tensors do not match the base (names, shapes or dtypes)."""
+
+
+class AdapterError(HubmergeError, ValueError):
+    """A PEFT adapter is unsupported, incomplete or does not fit its base."""
+
+
+class OutputExistsError(HubmergeError, FileExistsError):
+    """The output path exists and was not written by hubmerge (use ``--overwrite``)."""
+
+
+class HubError(HubmergeError, OSError):
+    """Talking to the Hub failed (unknown repo/revision, auth, network)."""

@@ -1,0 +1,285 @@
+"""Sharded safetensors output, streamed tensor by tensor, finished atomically.
+
+The shapes and dtypes of every output tensor are known before the merge starts, so
+each shard's safetensors header is written first and tensors are appended as they
+are produced: memory holds one tensor, never a whole shard. Everything is written to a
+hidden temporary directory beside the target and renamed into place only when
+complete; a crash leaves no directory that looks finished, and stale temporaries are
+removed by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, dtype_size
+from .errors import OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+#: A directory holding this file was written by hubmerge (and may be replaced by it).
+OWNER_MARKER = "hubmerge_recipe.yaml"
+TEMP_PREFIX = ".hubmerge-partial-"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data."""
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors (in order) into shards of at most ``max_bytes`` (a larger tensor gets its own).
+
+    Args:
+        specs: Output tensors in write order.
+        max_bytes: Shard size limit.
+
+    Returns:
+        Shards, each a list of specs.
+    """
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int, stem: str = "model") -> list[str]:
+    """``model.safetensors`` for one shard, else ``model-00001-of-0000N.safetensors``."""
+    if count <= 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The header bytes (length prefix, JSON, space padding to 8) for tensors laid out in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including bfloat16)."""
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def is_ours(directory: Path) -> bool:
+    """Whether ``directory`` was written by hubmerge (holds :data:`OWNER_MARKER`)."""
+    return (directory / OWNER_MARKER).is_file()
+
+
+def check_output_path(target: Path, *, overwrite: bool) -> None:
+    """Refuse a target that exists and is not hubmerge's, unless ``overwrite``.
+
+    Args:
+        target: The final output directory.
+        overwrite: Replace whatever is there.
+
+    Raises:
+        OutputExistsError: If the target exists, is not ours, and ``overwrite`` is false.
+    """
+    if target.is_symlink():
+        raise OutputExistsError(f"{target}: output path is a symbolic link; give the real directory")
+    if target.exists() and not overwrite:
+        if not target.is_dir():
+            raise OutputExistsError(f"{target}: exists and is not a directory (use --overwrite to replace it)")
+        if any(target.iterdir()) and not is_ours(target):
+            raise OutputExistsError(
+                f"{target}: exists and was not written by hubmerge (use --overwrite to replace it)"
+            )
+
+
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove temporaries left by runs that died (their process no longer exists).
+
+    Args:
+        parent: The directory that holds output directories.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(f"{TEMP_PREFIX}*"):
+        try:
+            pid = int(path.name[len(TEMP_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            logger.info("removed stale temporary %s", path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShardedWriter:
+    """Writes a model directory: streamed shards, index, extra files, atomic rename.
+
+    Args:
+        target: Final output directory.
+        specs: Every output tensor, in the order :meth:`write` will receive them.
+        shard_size: Maximum bytes per shard.
+        overwrite: Replace an existing directory that is not hubmerge's.
+        stem: File stem (``model`` or ``adapter_model``).
+
+    Raises:
+        OutputExistsError: See :func:`check_output_path`.
+    """
+
+    def __init__(self, target: Path, specs: list[TensorSpec], *, shard_size: int,
+                 overwrite: bool = False, stem: str = "model"):
+        self.target = Path(target).absolute()
+        check_output_path(self.target, overwrite=overwrite)
+        self.overwrite = overwrite
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(self.target.parent)
+        self.temp = self.target.parent / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{self.target.name}"
+        self.temp.mkdir()
+        self.shards = plan_shards(specs, shard_size)
+        self.file_names = shard_file_names(len(self.shards), stem)
+        self.stem = stem
+        self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
+        self._next = 0
+        self._handle = None
+        self._handle_index = -1
+        self.bytes_written = 0
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in write order."""
+        return [s.name for _, s in self._order]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor (must come in plan order, with the planned shape and dtype).
+
+        Args:
+            name: Tensor name.
+            tensor: CPU tensor with the planned shape and dtype.
+
+        Raises:
+            ValueError: If the tensor is out of order or does not match its spec.
+        """
+        if self._next >= len(self._order):
+            raise ValueError(f"unexpected tensor {name!r}: all planned tensors are written")
+        shard_index, spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the plan "
+                f"({spec.name!r} {spec.shape} {spec.dtype})"
+            )
+        if shard_index != self._handle_index:
+            self._close_handle()
+            self._handle = open(self.temp / self.file_names[shard_index], "wb")
+            self._handle.write(safetensors_header(self.shards[shard_index]))
+            self._handle_index = shard_index
+        data = tensor_bytes(tensor.cpu())
+        self._handle.write(data)
+        self.bytes_written += data.nbytes
+        self._next += 1
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def add_file(self, relative: str, content: bytes | str | Path) -> None:
+        """Add a file to the output (text, bytes, or a copy of an existing file).
+
+        Args:
+            relative: Path inside the output directory (no ``..``).
+            content: The content or a source file to copy.
+
+        Raises:
+            ValueError: If ``relative`` escapes the output directory.
+        """
+        dest = (self.temp / relative).resolve()
+        if self.temp.resolve() not in dest.parents:
+            raise ValueError(f"refusing to write {relative!r} outside the output directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, dest)
+        elif isinstance(content, str):
+            dest.write_text(content, encoding="utf-8")
+        else:
+            dest.write_bytes(content)
+
+    def finish(self) -> Path:
+        """Close shards, write the index, and rename the directory into place.
+
+        Returns:
+            The final output directory.
+
+        Raises:
+            ValueError: If not every planned tensor was written.
+        """
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise ValueError(f"merge incomplete: tensor {missing!r} was never written")
+        self._close_handle()
+        if not self.shards:  # a model with no tensors still gets a valid, empty file
+            (self.temp / self.file_names[0]).write_bytes(safetensors_header([]))
+        if len(self.shards) > 1:
+            weight_map = {s.name: self.file_names[i] for i, s in self._order}
+            total = sum(s.nbytes for _, s in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            self.add_file(f"{self.stem}.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        if self.target.exists() or self.target.is_symlink():
+            check_output_path(self.target, overwrite=self.overwrite)
+            trash = self.target.parent / f"{TEMP_PREFIX}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, trash)
+            os.replace(self.temp, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.temp, self.target)
+        logger.info("wrote %s (%d bytes of tensors)", self.target, self.bytes_written)
+        return self.target
+
+    def abort(self) -> None:
+        """Remove the temporary directory; the target is left as it was."""
+        self._close_handle()
+        shutil.rmtree(self.temp, ignore_errors=True)
