@@ -71,3 +71,51 @@ class OutputExistsError(HubmergeError, FileExistsError):
 
 class HubError(HubmergeError, OSError):
     """Talking to the Hub failed (unknown repo/revision, auth, network)."""
+
+
+class LocalHubError(HubmergeError):
+    """The loopback Hub server (``hubmerge.localhub``) refused a request or cannot run.
+
+    Args:
+        message: What went wrong (never contains a token).
+        status: HTTP status the server answers with.
+        code: Hub error code sent as ``X-Error-Code`` (``RepoNotFound``...), if any.
+    """
+
+    status: int = 500
+    code: str | None = None
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class LocalHubConfigError(LocalHubError, ValueError):
+    """The server cannot start as configured (public host, data dir in use, bad token file)."""
+
+
+class LocalHubRequestError(LocalHubError, ValueError):
+    """A request is malformed: bad repo id or path, truncated commit, unknown LFS object (HTTP 400)."""
+
+    status = 400
+
+
+class LocalHubAuthError(LocalHubError, PermissionError):
+    """A request lacks the server token or carries a wrong one (HTTP 401/403)."""
+
+    status = 401
+
+
+class LocalHubNotFoundError(LocalHubError, LookupError):
+    """A repo, revision or file does not exist or is not visible (HTTP 404)."""
+
+    status = 404
+
+
+class LocalHubConflictError(LocalHubError, RuntimeError):
+    """A write conflicts with the repo's state: repo/branch exists (409) or parent moved (412)."""
+
+    status = 409

@@ -57,7 +57,7 @@ def resolved_recipe(result: MergeResult) -> dict[str, Any]:
     data["provenance"] = {
         "hubmerge": _version("hubmerge"),
         "method_plugin": f"{registered.plugin} ({registered.distribution})" if registered else None,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         **result.extra.get("provenance", {}),
     }

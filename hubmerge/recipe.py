@@ -183,17 +183,18 @@ class Recipe(_Strict):
             raise ValueError(f"unknown schema version {value} (this hubmerge reads version {SCHEMA_VERSION})")
         return value
 
-    @model_validator(mode="after")
-    def _distinct_labels(self) -> Recipe:
+    @field_validator("experts")
+    @classmethod
+    def _distinct_labels(cls, experts: list[ModelRef]) -> list[ModelRef]:
         seen: dict[str, int] = {}
-        for i, expert in enumerate(self.experts):
+        for i, expert in enumerate(experts):
             if expert.label in seen:
                 raise ValueError(
                     f"experts[{i}] and experts[{seen[expert.label]}] are both called {expert.label!r}; "
                     "give one a `name`"
                 )
             seen[expert.label] = i
-        return self
+        return experts
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
