@@ -311,6 +311,7 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
         HubmergeError: Any input or output problem, before work starts where possible;
             on failure no output directory is left behind.
     """
+    from .card import build_card, card_inputs_from_result
     from .lineage import resolved_recipe_yaml
 
     method = check_recipe(recipe, file=file)
@@ -361,7 +362,10 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
             device=str(compute_device), seconds=0.0, bytes_read=bytes_read, bytes_written=writer.bytes_written,
             tensors=len(names),
         )
-        writer.add_file("hubmerge_recipe.yaml", resolved_recipe_yaml(result))
+        recipe_yaml = resolved_recipe_yaml(result)
+        writer.add_file("hubmerge_recipe.yaml", recipe_yaml)
+        result.output_dir = writer.temp
+        writer.add_file("README.md", str(build_card(card_inputs_from_result(result))))
         result.output_dir = writer.finish()
         result.seconds = time.perf_counter() - started
         logger.info("merged %d tensors in %.2fs on %s", len(names), result.seconds, compute_device)

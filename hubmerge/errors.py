@@ -119,3 +119,24 @@ class LocalHubConflictError(LocalHubError, RuntimeError):
     """A write conflicts with the repo's state: repo/branch exists (409) or parent moved (412)."""
 
     status = 409
+
+
+class MethodParamError(MethodInputError):
+    """A method parameter does not suit the inputs (``weights`` of the wrong length...).
+
+    Args:
+        message: What is wrong.
+        field: The parameter at fault (``weights``), for ``params.<field>`` error paths.
+    """
+
+    def __init__(self, message: str, *, field: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class MethodStateError(HubmergeError, RuntimeError):
+    """A method was used out of order (merging before its pre-passes finished...)."""
+
+
+class AdapterMismatchError(AdapterError, IncompatibleModelError):
+    """A PEFT adapter does not fit the base: a module it targets is absent, or shapes differ."""

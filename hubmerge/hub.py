@@ -90,3 +90,47 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | No
         raise ModelReferenceError(f"{repo_id}@{commit[:12]}: the repo has no safetensors weights")
     logger.info("resolved %s@%s -> %s", repo_id, revision or "main", commit[:12])
     return directory, commit
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload merge made with hubmerge", revision: str | None = None,
+                create_pr: bool = False) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` (weights, configs, card) in ONE commit.
+
+    The Hub applies a commit all-or-nothing, so a failure leaves the repo unchanged.
+
+    Args:
+        folder: A finished output directory.
+        repo_id: Target repo.
+        private: Create the repo private (an existing repo keeps its visibility).
+        token: Write token; ``None`` uses ``HF_TOKEN`` or the stored login. Never logged.
+        commit_message: The commit's title.
+        revision: Branch to commit to (created when missing); default ``main``.
+        create_pr: Open a pull request instead of committing directly.
+
+    Returns:
+        The new commit's hash.
+
+    Raises:
+        HubError: No rights, bad token, network failure after retries.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision, create_pr=create_pr,
+                                 ignore_patterns=[".git*", ".hubmerge-partial-*"])
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise HubError(f"{repo_id}: no write access (HTTP {status}); check your token's rights") from None
+        raise _hub_error(exc, repo_id, revision) from None
+    except OSError as exc:
+        raise HubError(f"{repo_id}: push failed ({type(exc).__name__}); the repo is unchanged") from None
+    logger.info("pushed %s to %s@%s", folder, repo_id, info.oid[:12])
+    return info.oid

@@ -30,6 +30,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output directory hubmerge did not write")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--push", action="store_true", help="push the result to output.repo (or --repo)")
+    p.add_argument("--repo", help="Hub repo to push to (overrides output.repo; implies --push)")
     p.set_defaults(handler=cmd_run)
 
 
@@ -142,4 +144,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.close()
     print(f"merged {result.tensors} tensors with {result.method.name} in {result.seconds:.1f}s "
           f"on {result.device} -> {result.output_dir}")
+    repo = args.repo or (recipe.output.repo if (args.push or recipe.output.repo) else None)
+    if args.push and not repo:
+        from ..errors import RecipeError
+
+        raise RecipeError("--push needs output.repo in the recipe or --repo", field="output.repo", file=args.recipe)
+    if repo:
+        from ..publish import publish_merge
+
+        commit = publish_merge(result, repo, private=recipe.output.private)
+        print(f"pushed to {repo} at {commit[:12]}")
     return 0

@@ -1,0 +1,272 @@
+"""Shared maths of the sparsifying methods: magnitude trimming and TIES' sign election.
+
+Used by :mod:`hubmerge_plugins.ties` and :mod:`hubmerge_plugins.dare`; not a plugin itself.
+
+Rules, the same everywhere:
+
+* **How many entries are kept.** A fraction ``k`` of ``n`` entries keeps
+  ``m = clamp(floor(k*n + 0.5), 1, n)`` of them (``k*n`` rounded half up, at least one).
+* **Threshold and ties.** The threshold of a task vector is its ``m``-th largest magnitude
+  ``|tau|`` (1-based, counting repeats). Every entry with ``|tau| >= threshold`` is kept, so when
+  several entries share the threshold magnitude all of them stay and more than ``m`` entries may
+  survive; the rule does not depend on the order of entries or tensors.
+* **Global thresholds** (one per task over the whole model) are computed exactly in two streaming
+  passes over 16-bit halves of the float32 bit pattern of ``|tau|``, see :class:`GlobalThreshold`.
+  Magnitudes are taken in float32: exact for float32, float16 and bfloat16 inputs; for float64
+  inputs magnitudes are rounded to float32 first (values equal after rounding tie).
+* **Sign election** (TIES): ``gamma = sign(sum_k trimmed tau_k)``; an entry whose sum is exactly
+  zero elects no sign and merges to zero.
+* **Disjoint mean**: the mean over the tasks whose trimmed entry is non-zero and has sign
+  ``gamma``; zero where no task agrees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hubmerge.errors import MethodInputError, MethodStateError
+
+HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32 pattern: the sign bit is 0
+LOW_BINS = 1 << 16
+_CHUNK = 1 << 22  # elements per bincount call, bounds the temporaries on big tensors
+
+
+def keep_count(fraction: float, n: int) -> int:
+    """Number of entries a fraction keeps out of ``n``: ``k*n`` rounded half up, in ``[1, n]``.
+
+    Args:
+        fraction: Fraction kept, in ``(0, 1]``.
+        n: Number of entries.
+
+    Returns:
+        The count ``m`` (0 only when ``n`` is 0).
+    """
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
+
+
+def tensor_thresholds(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per-task magnitude thresholds inside one tensor.
+
+    Args:
+        deltas: Task vectors, shape ``(T, *shape)``, at least one entry per task.
+        fraction: Fraction of entries kept per task.
+
+    Returns:
+        Shape ``(T,)`` in ``deltas.dtype``: the ``m``-th largest ``|tau_k|`` of each task.
+    """
+    flat = deltas.reshape(deltas.shape[0], -1)
+    n = flat.shape[1]
+    m = keep_count(fraction, n)
+    # kthvalue counts from the smallest: the m-th largest is the (n - m + 1)-th smallest.
+    return torch.stack([row.abs().kthvalue(n - m + 1).values for row in flat])
+
+
+def _magnitudes(x: torch.Tensor, float32: bool) -> torch.Tensor:
+    mags = x.abs()
+    return mags.float() if float32 and mags.dtype == torch.float64 else mags
+
+
+def trim_masks(deltas: torch.Tensor, thresholds: torch.Tensor, *, float32_magnitudes: bool = False) -> torch.Tensor:
+    """Keep-masks of the entries at or above each task's threshold.
+
+    Args:
+        deltas: Task vectors, shape ``(T, *shape)``.
+        thresholds: Shape ``(T,)``.
+        float32_magnitudes: Compare magnitudes rounded to float32 (global thresholds).
+
+    Returns:
+        A bool tensor shaped like ``deltas``.
+    """
+    keep = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+    for t in range(deltas.shape[0]):
+        mags = _magnitudes(deltas[t], float32_magnitudes)
+        # A threshold taken from these magnitudes is exactly representable in their dtype.
+        torch.ge(mags, thresholds[t].to(device=mags.device, dtype=mags.dtype), out=keep[t])
+    return keep
+
+
+def ties_merge(deltas: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """TIES' elect-sign and disjoint mean of trimmed task vectors.
+
+    ``deltas`` is left untouched; temporaries are one task's size.
+
+    Args:
+        deltas: Task vectors, shape ``(T, *shape)``.
+        keep: Bool mask of the trimmed entries, same shape (``None``: keep all).
+
+    Returns:
+        The merged task vector, shape ``deltas.shape[1:]``, in ``deltas.dtype``.
+    """
+    count = deltas.shape[0]
+    gamma = torch.zeros_like(deltas[0])
+    for t in range(count):
+        gamma.add_(deltas[t] if keep is None else deltas[t] * keep[t])
+    gamma.sign_()
+    merged = torch.zeros_like(deltas[0])
+    agreeing = torch.zeros_like(deltas[0])
+    for t in range(count):
+        agree = (deltas[t] * gamma) > 0  # non-zero and of the elected sign
+        if keep is not None:
+            agree &= keep[t]
+        merged.add_(deltas[t] * agree)
+        agreeing.add_(agree)
+    return merged.div_(agreeing.clamp_(min=1))
+
+
+def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """Trim ``deltas`` to ``k`` (global ``thresholds`` if given, else per tensor) and TIES-merge.
+
+    Args:
+        deltas: Task vectors ``(T, *shape)``, left untouched.
+        k: Fraction kept.
+        thresholds: Global per-task thresholds (float32), or ``None`` for per-tensor ranking.
+
+    Returns:
+        The merged task vector, shape ``deltas.shape[1:]``.
+    """
+    if k >= 1.0:
+        keep = None
+    elif thresholds is not None:
+        keep = trim_masks(deltas, thresholds, float32_magnitudes=True)
+    else:
+        keep = trim_masks(deltas, tensor_thresholds(deltas, k))
+    return ties_merge(deltas, keep)
+
+
+class GlobalThreshold:
+    """Exact per-task top-``k`` magnitude thresholds over many tensors, by streaming.
+
+    For non-negative floats the int32 view of the float32 bit pattern is monotonic in the value.
+    Pass 0 histograms, per task, the high 16 bits of ``|tau|``'s pattern (``HIGH_BINS`` bins); the
+    bin holding the ``m``-th largest magnitude is then known. Pass 1 histograms the low 16 bits of
+    the entries inside that bin; the bin reached there is the exact bit pattern of the threshold.
+    :meth:`observe` returns int64 count tensors that are simply summed over all tensors (map-reduce).
+
+    Args:
+        fraction: Fraction of entries kept per task over all observed tensors.
+        key: Prefix of the statistic names.
+    """
+
+    passes = 2
+
+    def __init__(self, fraction: float, key: str):
+        self.fraction = fraction
+        self.key = key
+        self.tasks: int | None = None
+        self.total = 0
+        self._high_bin: torch.Tensor | None = None
+        self._above: torch.Tensor | None = None
+        self.thresholds: torch.Tensor | None = None
+
+    def _check_tasks(self, count: int) -> None:
+        if self.tasks is None:
+            self.tasks = count
+        elif self.tasks != count:
+            raise MethodInputError(f"tensors have {count} task vectors, earlier ones had {self.tasks}")
+
+    @staticmethod
+    def _chunks(row: torch.Tensor):
+        flat = row.reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            # A view of the float32 pattern; |x| is the pattern with the sign bit cleared.
+            yield flat[start:start + _CHUNK].float().view(torch.int32)
+
+    def observe(self, pass_index: int, deltas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This tensor's histograms for pass ``pass_index``.
+
+        Args:
+            pass_index: 0 (high halves) or 1 (low halves inside the selected bins).
+            deltas: Task vectors, shape ``(T, *shape)``.
+
+        Returns:
+            ``{f"{key}.high": (T, HIGH_BINS)}`` or ``{f"{key}.low": (T, LOW_BINS)}``, int64 counts.
+        """
+        count = deltas.shape[0]
+        if pass_index == 0:
+            self._check_tasks(count)
+            hist = torch.zeros((count, HIGH_BINS), dtype=torch.int64, device=deltas.device)
+            for t in range(count):
+                for bits in self._chunks(deltas[t]):
+                    high = (bits >> 16).bitwise_and_(HIGH_BINS - 1)
+                    hist[t] += torch.bincount(high, minlength=HIGH_BINS)
+            return {f"{self.key}.high": hist}
+        if pass_index == 1:
+            if self._high_bin is None:
+                raise MethodStateError("global threshold: pass 1 observed before pass 0 finished")
+            self._check_tasks(count)
+            hist = torch.zeros((count, LOW_BINS), dtype=torch.int64, device=deltas.device)
+            for t in range(count):
+                wanted = int(self._high_bin[t])
+                for bits in self._chunks(deltas[t]):
+                    inside = ((bits >> 16).bitwise_and_(HIGH_BINS - 1)) == wanted
+                    low = bits[inside].bitwise_and_(LOW_BINS - 1)
+                    hist[t] += torch.bincount(low, minlength=LOW_BINS)
+            return {f"{self.key}.low": hist}
+        raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")
+
+    @staticmethod
+    def _find_from_top(hist: torch.Tensor, already: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the highest bin where ``already + count(bins >= it)`` reaches ``wanted``."""
+        from_top = hist.flip(-1).cumsum(-1) + already.unsqueeze(-1)
+        idx = (from_top < wanted).sum(-1)  # first position (from the top) reaching ``wanted``
+        bins = hist.shape[-1] - 1 - idx
+        above = from_top.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - hist.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
+        return bins, above
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Locate the threshold's bin from the summed histograms.
+
+        Args:
+            pass_index: 0 or 1.
+            totals: Sums of :meth:`observe` over every tensor.
+
+        Raises:
+            MethodStateError: If the passes come out of order or nothing was observed.
+        """
+        if pass_index == 0:
+            hist = totals.get(f"{self.key}.high")
+            if hist is None:
+                raise MethodStateError("global threshold: pass 0 saw no tensor")
+            hist = hist.to(device="cpu", dtype=torch.int64)
+            totals_per_task = hist.sum(-1)
+            self.total = int(totals_per_task[0])
+            if not bool((totals_per_task == self.total).all()) or self.total == 0:
+                raise MethodStateError(f"global threshold: tasks saw different or no entries {totals_per_task.tolist()}")
+            self.tasks = hist.shape[0]
+            self.thresholds = None
+            wanted = keep_count(self.fraction, self.total)
+            self._high_bin, self._above = self._find_from_top(hist, torch.zeros(hist.shape[0], dtype=torch.int64), wanted)
+        elif pass_index == 1:
+            hist = totals.get(f"{self.key}.low")
+            if hist is None or self._high_bin is None:
+                raise MethodStateError("global threshold: pass 1 finished before pass 0, or saw no tensor")
+            hist = hist.to(device="cpu", dtype=torch.int64)
+            wanted = keep_count(self.fraction, self.total)
+            low_bin, _ = self._find_from_top(hist, self._above, wanted)
+            bits = (self._high_bin << 16) | low_bin
+            self.thresholds = bits.to(torch.int32).view(torch.float32)
+            self.tasks = None  # a later run on this instance starts afresh
+        else:
+            raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")
+
+    def require(self, tasks: int) -> torch.Tensor:
+        """The thresholds, shape ``(T,)`` float32.
+
+        Args:
+            tasks: Number of task vectors of the tensor being merged.
+
+        Raises:
+            MethodStateError: If the two pre-passes have not run.
+            MethodInputError: If the pre-passes saw another number of task vectors.
+        """
+        if self.thresholds is None:
+            raise MethodStateError(
+                "global top-k needs the engine's two pre-passes (observe/finish_pass) before merge_tensor"
+            )
+        if self.thresholds.shape[0] != tasks:
+            raise MethodInputError(f"tensor has {tasks} task vectors, the pre-passes saw {self.thresholds.shape[0]}")
+        return self.thresholds

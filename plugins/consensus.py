@@ -1,0 +1,202 @@
+"""Consensus merging with TALL masks.
+
+Paper: K. Wang, N. Dimitriadis, G. Ortiz-Jiménez, F. Fleuret and P. Frossard,
+"Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+https://arxiv.org/abs/2405.07813
+
+Per tensor, with task vectors ``τ_1 .. τ_T``:
+
+1. ``τ_MTL`` is the multi-task vector of the inner method (``task_arithmetic``:
+   ``Σ_t τ_t``; ``ties``: its trimmed, sign-elected disjoint mean), *before* the inner
+   method's ``scale``;
+2. each task's TALL mask keeps the entries where the task vector carries more of the
+   task than the multi-task vector misses of it:
+   ``m_t = |τ_t| >= λ·|τ_MTL − τ_t|`` (``λ`` is ``tall_lambda``);
+3. the consensus mask keeps the entries selected by at least ``k`` tasks' masks
+   (``k = 2`` removes both "selfish" weights, useful to one task only, and "catastrophic"
+   ones, useful to none; ``k = 1`` only the catastrophic ones; ``k = 0`` none);
+4. ``θ = θ_0 + s·(consensus ⊙ τ_MTL)`` with ``s`` the inner method's ``scale``.
+
+Choices:
+
+* the comparison is ``>=`` as in the paper's definition (the reference code uses ``>``);
+  the two differ only on exact ties, such as entries every task leaves at zero, where
+  ``τ_MTL`` is zero anyway;
+* ``τ_MTL`` is unscaled, as in the reference code, which builds the masks from
+  ``Σ_t τ_t`` (or the TIES vector) and applies the scaling coefficient afterwards;
+* the inner method is looked up through the plugin registry at run time and called on
+  the same group with a zero base and ``scale = 1``, so ``merge_tensor`` returns
+  ``τ_MTL`` itself. This relies on the inner method depending on the task vectors only,
+  which holds for task arithmetic and TIES. Its pre-passes (TIES ``scope: global``) are
+  forwarded: this method has as many pre-passes as the inner one;
+* the λ of the paper is chosen per task on validation data; this data-free method uses
+  one ``tall_lambda`` for all tasks (default 0.4, the middle of the paper's grid
+  0.2–0.6).
+
+The mask computations (:func:`tall_masks`, :func:`consensus_mask`,
+:func:`multitask_vector`) are plain functions so that per-task TALL-mask deployments can
+reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+
+from hubmerge.hookspecs import hookimpl
+from hubmerge.method import MergeMethod, Params, TensorGroup
+
+INNER_METHODS = ("task_arithmetic", "ties")
+
+
+def _inner_class(name: str) -> type[MergeMethod]:
+    from hubmerge.plugins import get_method
+
+    return get_method(name)
+
+
+class ConsensusParams(Params):
+    """Parameters of consensus merging."""
+
+    k: int = Field(
+        2,
+        ge=0,
+        description="Keep an entry when at least k tasks' TALL masks select it (2 removes selfish and "
+        "catastrophic weights, 1 only catastrophic ones, 0 keeps everything).",
+    )
+    tall_lambda: float = Field(
+        0.4,
+        ge=0,
+        allow_inf_nan=False,
+        description="λ of the TALL masks m_t = |τ_t| >= λ·|τ_MTL − τ_t|; larger keeps fewer entries.",
+    )
+    inner: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="Method that builds the multi-task vector τ_MTL."
+    )
+    inner_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Parameters of the inner method (e.g. {scale: 0.3} or {k: 0.2, scale: 1.0}); its scale "
+        "multiplies the masked multi-task vector.",
+    )
+
+    @field_validator("inner_params")
+    @classmethod
+    def _check_inner_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        inner = info.data.get("inner")
+        if inner is None:  # the inner name itself was invalid; that error is reported
+            return value
+        try:
+            inner_cls = _inner_class(inner)
+        except KeyError as exc:  # UnknownMethodError: the plugin is not installed
+            raise ValueError(f"inner method {inner!r} is not available: {exc}") from None
+        if "scale" not in inner_cls.Params.model_fields:
+            raise ValueError(f"inner method {inner!r} has no `scale` parameter")
+        try:
+            inner_cls.Params.model_validate(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or inner}: {err['msg']}" for err in exc.errors()
+            )
+            raise ValueError(f"{inner} parameter {problems}") from None
+        return value
+
+
+def multitask_vector(inner: MergeMethod, group: TensorGroup) -> torch.Tensor:
+    """``τ_MTL`` of one tensor: what ``inner`` adds to a zero base.
+
+    Args:
+        inner: The inner method, built with ``scale = 1``.
+        group: The tensor group.
+
+    Returns:
+        The multi-task vector, shape ``group.base.shape``.
+    """
+    return inner.merge_tensor(_zero_base(group))
+
+
+def tall_masks(deltas: torch.Tensor, mtl: torch.Tensor, tall_lambda: float) -> torch.Tensor:
+    """TALL masks ``m_t = |τ_t| >= λ·|τ_MTL − τ_t|`` of every task.
+
+    Args:
+        deltas: Task vectors, shape ``(T, *shape)``.
+        mtl: The multi-task vector, shape ``shape``.
+        tall_lambda: ``λ``.
+
+    Returns:
+        Boolean masks, shape ``(T, *shape)``.
+    """
+    return deltas.abs() >= tall_lambda * (mtl.unsqueeze(0) - deltas).abs()
+
+
+def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries selected by at least ``k`` of the masks.
+
+    Args:
+        masks: Boolean masks, shape ``(T, *shape)``.
+        k: Minimum number of agreeing tasks.
+
+    Returns:
+        A boolean mask, shape ``shape``.
+    """
+    return masks.sum(dim=0) >= k
+
+
+def _zero_base(group: TensorGroup) -> TensorGroup:
+    return TensorGroup(group.name, torch.zeros_like(group.base), group.deltas, group.experts)
+
+
+class Consensus(MergeMethod):
+    """Consensus merging: the inner multi-task vector restricted to entries ≥ k TALL masks agree on."""
+
+    name = "consensus"
+    summary = "Consensus merging: keep the multi-task vector where at least k tasks' TALL masks agree"
+    paper = (
+        "Wang et al., Localizing Task Information for Improved Model Merging and Compression, "
+        "ICML 2024, https://arxiv.org/abs/2405.07813"
+    )
+    Params = ConsensusParams
+
+    def __init__(self, params: Params | dict[str, Any] | None = None):
+        """Create the method and its inner method (looked up in the plugin registry).
+
+        Args:
+            params: A ``ConsensusParams`` or a mapping validated against it.
+
+        Raises:
+            pydantic.ValidationError: If the parameters (including ``inner_params``) do not fit.
+        """
+        super().__init__(params)
+        inner_cls = _inner_class(self.params.inner)
+        inner_params = inner_cls.Params.model_validate(self.params.inner_params)
+        self.inner_scale = float(inner_params.scale)
+        self.inner = inner_cls(inner_params.model_copy(update={"scale": 1.0}))
+        self.prepasses = self.inner.prepasses
+
+    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
+        """Forward the inner method's pre-pass (same group, zero base)."""
+        return self.inner.observe(pass_index, _zero_base(group))
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Forward the inner method's pre-pass totals."""
+        self.inner.finish_pass(pass_index, totals)
+
+    def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
+        """Merge one tensor: ``θ_0 + scale·(consensus ⊙ τ_MTL)``.
+
+        Args:
+            group: The base weight and the experts' task vectors.
+
+        Returns:
+            The merged weight in the compute dtype.
+        """
+        mtl = multitask_vector(self.inner, group)
+        keep = consensus_mask(tall_masks(group.deltas, mtl, self.params.tall_lambda), self.params.k)
+        return group.base + self.inner_scale * torch.where(keep, mtl, torch.zeros_like(mtl))
+
+
+@hookimpl
+def hubmerge_register_methods(register):
+    """Register consensus merging."""
+    register(Consensus)
