@@ -7,3 +7,11 @@ from .hookspecs import hookimpl
 
 __all__ = ["hookimpl", "__version__"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: ``hubmerge.load_task_model`` imports transformers only when used
+    if name == "load_task_model":
+        from .deployment import load_task_model
+
+        return load_task_model
+    raise AttributeError(f"module 'hubmerge' has no attribute {name!r}")

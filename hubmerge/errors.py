@@ -140,3 +140,7 @@ class MethodStateError(HubmergeError, RuntimeError):
 
 class AdapterMismatchError(AdapterError, IncompatibleModelError):
     """A PEFT adapter does not fit the base: a module it targets is absent, or shapes differ."""
+
+
+class DeploymentError(HubmergeError, ValueError):
+    """A per-task deployment is malformed, lacks the task asked for, or does not fit the model class."""

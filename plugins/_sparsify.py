@@ -10,10 +10,12 @@ Rules, the same everywhere:
   ``|tau|`` (1-based, counting repeats). Every entry with ``|tau| >= threshold`` is kept, so when
   several entries share the threshold magnitude all of them stay and more than ``m`` entries may
   survive; the rule does not depend on the order of entries or tensors.
-* **Global thresholds** (one per task over the whole model) are computed exactly in two streaming
-  passes over 16-bit halves of the float32 bit pattern of ``|tau|``, see :class:`GlobalThreshold`.
-  Magnitudes are taken in float32: exact for float32, float16 and bfloat16 inputs; for float64
-  inputs magnitudes are rounded to float32 first (values equal after rounding tie).
+* **Thresholds** are found exactly by two histogram passes over 16-bit halves of the float32 bit
+  pattern of ``|tau|`` (see :class:`GlobalThreshold`): streamed over the whole model for
+  ``scope: global``, over one tensor for ``scope: tensor`` (``kthvalue`` on the same values for
+  tensors of at most ``_SMALL`` entries). Magnitudes are taken in float32:
+  exact for float32, float16 and bfloat16 inputs; float64 magnitudes are rounded to float32 first
+  (values equal after rounding tie). NaN entries are not supported (they propagate).
 * **Sign election** (TIES): ``gamma = sign(sum_k trimmed tau_k)``; an entry whose sum is exactly
   zero elects no sign and merges to zero.
 * **Disjoint mean**: the mean over the tasks whose trimmed entry is non-zero and has sign
@@ -31,6 +33,7 @@ from hubmerge.errors import MethodInputError, MethodStateError
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32 pattern: the sign bit is 0
 LOW_BINS = 1 << 16
 _CHUNK = 1 << 22  # elements per bincount call, bounds the temporaries on big tensors
+_SMALL = 1 << 16  # per-tensor thresholds of smaller tensors by kthvalue (cheaper than 2 histograms)
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -49,47 +52,56 @@ def keep_count(fraction: float, n: int) -> int:
 
 
 def tensor_thresholds(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per-task magnitude thresholds inside one tensor.
+    """Per-task magnitude thresholds inside one tensor (``scope: tensor``).
+
+    Small tensors use ``kthvalue``; large ones the same exact two-pass histogram search as the
+    global scope, run on this tensor alone (O(n), temporaries bounded by one chunk). Both rank
+    the float32 magnitudes, so they agree.
 
     Args:
         deltas: Task vectors, shape ``(T, *shape)``, at least one entry per task.
         fraction: Fraction of entries kept per task.
 
     Returns:
-        Shape ``(T,)`` in ``deltas.dtype``: the ``m``-th largest ``|tau_k|`` of each task.
+        Shape ``(T,)`` float32: the ``m``-th largest ``|tau_k|`` of each task.
     """
-    flat = deltas.reshape(deltas.shape[0], -1)
-    n = flat.shape[1]
-    m = keep_count(fraction, n)
-    # kthvalue counts from the smallest: the m-th largest is the (n - m + 1)-th smallest.
-    return torch.stack([row.abs().kthvalue(n - m + 1).values for row in flat])
+    count = deltas.shape[0]
+    n = deltas[0].numel()
+    if n <= _SMALL:
+        m = keep_count(fraction, n)
+        flat = deltas.reshape(count, -1).abs().float()
+        # kthvalue counts from the smallest: the m-th largest is the (n - m + 1)-th smallest.
+        return flat.kthvalue(n - m + 1, dim=1).values
+    finder = GlobalThreshold(fraction, key="tensor")
+    for pass_index in range(GlobalThreshold.passes):
+        finder.finish_pass(pass_index, finder.observe(pass_index, deltas))
+    return finder.require(count)
 
 
-def _magnitudes(x: torch.Tensor, float32: bool) -> torch.Tensor:
-    mags = x.abs()
-    return mags.float() if float32 and mags.dtype == torch.float64 else mags
+def trim_masks(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Keep-masks of the entries whose magnitude is at or above their task's threshold.
 
-
-def trim_masks(deltas: torch.Tensor, thresholds: torch.Tensor, *, float32_magnitudes: bool = False) -> torch.Tensor:
-    """Keep-masks of the entries at or above each task's threshold.
+    Magnitudes are compared in the compute dtype, except float64 which is rounded to float32 like
+    the thresholds' search; a threshold found by the search is exactly representable in the
+    compute dtype, so the comparison is exact.
 
     Args:
         deltas: Task vectors, shape ``(T, *shape)``.
         thresholds: Shape ``(T,)``.
-        float32_magnitudes: Compare magnitudes rounded to float32 (global thresholds).
 
     Returns:
         A bool tensor shaped like ``deltas``.
     """
     keep = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
     for t in range(deltas.shape[0]):
-        mags = _magnitudes(deltas[t], float32_magnitudes)
-        # A threshold taken from these magnitudes is exactly representable in their dtype.
+        mags = deltas[t].abs()
+        if mags.dtype == torch.float64:
+            mags = mags.float()
         torch.ge(mags, thresholds[t].to(device=mags.device, dtype=mags.dtype), out=keep[t])
     return keep
 
 
-def ties_merge(deltas: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def ties_merge(deltas: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """TIES' elect-sign and disjoint mean of trimmed task vectors.
 
     ``deltas`` is left untouched; temporaries are one task's size.
@@ -130,10 +142,8 @@ def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | No
     """
     if k >= 1.0:
         keep = None
-    elif thresholds is not None:
-        keep = trim_masks(deltas, thresholds, float32_magnitudes=True)
     else:
-        keep = trim_masks(deltas, tensor_thresholds(deltas, k))
+        keep = trim_masks(deltas, thresholds if thresholds is not None else tensor_thresholds(deltas, k))
     return ties_merge(deltas, keep)
 
 
@@ -209,13 +219,19 @@ class GlobalThreshold:
         raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")
 
     @staticmethod
-    def _find_from_top(hist: torch.Tensor, already: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the highest bin where ``already + count(bins >= it)`` reaches ``wanted``."""
+    def _find_from_top(
+        hist: torch.Tensor, already: torch.Tensor, wanted: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the highest bin where ``already + count(bins >= it)`` reaches ``wanted``.
+
+        Returns:
+            The bins, and per row ``already`` plus the count strictly above the bin.
+        """
         from_top = hist.flip(-1).cumsum(-1) + already.unsqueeze(-1)
-        idx = (from_top < wanted).sum(-1)  # first position (from the top) reaching ``wanted``
+        idx = (from_top < wanted).sum(-1, keepdim=True)  # first position from the top reaching it
         bins = hist.shape[-1] - 1 - idx
-        above = from_top.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - hist.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
-        return bins, above
+        above = from_top.gather(-1, idx) - hist.gather(-1, bins)
+        return bins.squeeze(-1), above.squeeze(-1)
 
     def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
         """Locate the threshold's bin from the summed histograms.
@@ -235,11 +251,14 @@ class GlobalThreshold:
             totals_per_task = hist.sum(-1)
             self.total = int(totals_per_task[0])
             if not bool((totals_per_task == self.total).all()) or self.total == 0:
-                raise MethodStateError(f"global threshold: tasks saw different or no entries {totals_per_task.tolist()}")
+                raise MethodStateError(
+                    f"global threshold: tasks saw different or no entries {totals_per_task.tolist()}"
+                )
             self.tasks = hist.shape[0]
             self.thresholds = None
             wanted = keep_count(self.fraction, self.total)
-            self._high_bin, self._above = self._find_from_top(hist, torch.zeros(hist.shape[0], dtype=torch.int64), wanted)
+            none_yet = torch.zeros(hist.shape[0], dtype=torch.int64)
+            self._high_bin, self._above = self._find_from_top(hist, none_yet, wanted)
         elif pass_index == 1:
             hist = totals.get(f"{self.key}.low")
             if hist is None or self._high_bin is None:
@@ -268,5 +287,7 @@ class GlobalThreshold:
                 "global top-k needs the engine's two pre-passes (observe/finish_pass) before merge_tensor"
             )
         if self.thresholds.shape[0] != tasks:
-            raise MethodInputError(f"tensor has {tasks} task vectors, the pre-passes saw {self.thresholds.shape[0]}")
+            raise MethodInputError(
+                f"tensor has {tasks} task vectors, the pre-passes saw {self.thresholds.shape[0]}"
+            )
         return self.thresholds

@@ -24,7 +24,9 @@ def expert_weights(weights: list[float] | None, count: int, default: float = 1.0
     if weights is None:
         return [default] * count
     if len(weights) != count:
-        raise MethodParamError(f"{len(weights)} values given, one per input model needed ({count})", field="weights")
+        raise MethodParamError(
+            f"{len(weights)} values given, one per input model needed ({count})", field="weights"
+        )
     return list(weights)
 
 

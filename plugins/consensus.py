@@ -174,6 +174,30 @@ class Consensus(MergeMethod):
         self.inner = inner_cls(inner_params.model_copy(update={"scale": 1.0}))
         self.prepasses = self.inner.prepasses
 
+    def check_experts(self, count: int) -> None:
+        """Refuse what this method or the inner method cannot merge (e.g. ``weights`` of another length).
+
+        Args:
+            count: Number of experts in the recipe.
+
+        Raises:
+            MethodInputError: If either method refuses ``count`` experts.
+        """
+        super().check_experts(count)
+        self.inner.check_experts(count)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse a compute dtype this method or the inner method cannot use.
+
+        Args:
+            dtype: The recipe's compute dtype.
+
+        Raises:
+            MethodInputError: If either method refuses ``dtype``.
+        """
+        super().check_dtype(dtype)
+        self.inner.check_dtype(dtype)
+
     def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
         """Forward the inner method's pre-pass (same group, zero base)."""
         return self.inner.observe(pass_index, _zero_base(group))

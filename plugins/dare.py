@@ -42,7 +42,9 @@ class Params(method.Params):
         0.9, gt=0.0, le=1.0,
         description="Probability of keeping each task-vector entry; kept entries are divided by it.",
     )
-    seed: int = Field(0, ge=0, description="Random seed of the drop masks (combined with each tensor's name).")
+    seed: int = Field(
+        0, ge=0, description="Random seed of the drop masks (combined with each tensor's name)."
+    )
     combine: Literal["task_arithmetic", "ties"] = Field(
         "task_arithmetic", description="How the sparsified task vectors are merged."
     )
@@ -52,7 +54,8 @@ class Params(method.Params):
     )
     k: float = Field(
         1.0, gt=0.0, le=1.0,
-        description="combine: ties only. Fraction of each (dropped) task vector kept by magnitude; 1 = no trim.",
+        description="combine: ties only. Fraction of each (dropped) task vector kept by magnitude; "
+        "1 = no trim (sign election and disjoint mean only).",
     )
     scope: Literal["global", "tensor"] = Field(
         "global", description="combine: ties only. Where the top-k magnitudes are ranked (model or tensor)."
@@ -62,7 +65,8 @@ class Params(method.Params):
     def _resolve(self) -> Params:
         if self.combine != "ties":
             # Non-default values only, so a dumped-and-reloaded params dict stays valid.
-            stray = [name for name, default in (("k", 1.0), ("scope", "global")) if getattr(self, name) != default]
+            defaults = (("k", 1.0), ("scope", "global"))
+            stray = [name for name, default in defaults if getattr(self, name) != default]
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to combine: ties")
         if self.scale is None:

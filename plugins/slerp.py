@@ -92,9 +92,12 @@ class Slerp(MergeMethod):
         b = group.base + group.deltas[1]
         if t == 1.0:
             return b
-        dot = float((a * b).sum(dtype=torch.float64))
-        norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-        norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+        # Half-precision products would lose digits: take them in float32 (a temporary per input).
+        wide_a, wide_b = (a.float(), b.float()) if a.element_size() < 4 else (a, b)
+        dot = float((wide_a * wide_b).sum(dtype=torch.float64))
+        norm_a = float(torch.linalg.vector_norm(wide_a, dtype=torch.float64))
+        norm_b = float(torch.linalg.vector_norm(wide_b, dtype=torch.float64))
+        del wide_a, wide_b
         s_a, s_b = slerp_coefficients(dot, norm_a, norm_b, t)
         return a.mul_(s_a).add_(b, alpha=s_b)
 

@@ -24,7 +24,8 @@ class Params(method.Params):
 
     scale: float = Field(
         0.3, allow_inf_nan=False,
-        description="Scaling coefficient lambda applied to the sum of the task vectors (negative: task negation).",
+        description="Scaling coefficient lambda applied to the sum of the task vectors "
+        "(negative: task negation).",
     )
     weights: list[float] | None = Field(
         None, min_length=1,

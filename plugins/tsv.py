@@ -48,7 +48,7 @@ class TSVParams(Params):
     scale: float = Field(
         1.0,
         allow_inf_nan=False,
-        description="α: the merged task vector is added to the base as θ_0 + α·τ_merged (the paper uses 1.0).",
+        description="α: the merged task vector is added to the base as θ_0 + α·τ_merged (the paper: 1.0).",
     )
 
 

@@ -13,12 +13,14 @@ fine-tuning, so the interference ``E‖(τ_m − τ_t) x‖²`` on task ``t``'s 
 with Adam (``lr`` 1e-5, ``steps`` 300) from ``τ_m = Σ_t τ_t``, and ``θ = θ_0 + τ_m``.
 
 **Gram form.** With ``G_t = τ_tᵀ τ_t``, ``S = Σ_t w_t G_t`` and ``C = Σ_t w_t τ_t G_t``
-(computed once per layer), the gradient is ``∇ = 2 (τ_m S − C)``: one ``m x n @ n x n``
-product per step instead of ``3T`` products through the T-term loss. When the layer is
-very wide (``2·T·m < n``), ``τ_m S`` is computed as ``(τ_m Xᵀ) X`` with
-``X = [√w_t τ_t]_t`` instead, which is cheaper. Adam is the ``torch.optim.Adam`` update
-(betas 0.9/0.999, eps 1e-8, no weight decay) written out on tensors, so it runs in any
-autograd mode.
+(computed once per layer), the gradient is ``∇ = 2 (τ_m S − C)``: ``m·n²`` multiply-adds
+per step, where autograd through the T-term loss spends ``2·T·m²·n`` (T forward and T
+backward products) plus ``(T, m, m)`` temporaries — 16x fewer for a 768x768 layer and 8
+tasks, 64x for 3072x768. When the layer is very wide (``2·T·m < n``), ``τ_m S`` is computed
+as ``(τ_m Xᵀ) X`` with ``X = [√w_t τ_t]_t`` instead, which then costs less. Adam is the
+``torch.optim.Adam`` update (betas 0.9/0.999, eps 1e-8, no weight decay) written out on
+tensors, so it runs in any autograd mode. With a single task the start ``τ_t`` is the exact
+optimum (zero loss) and is returned as is: Adam would only amplify rounding noise there.
 
 **Closed form (CFS)**, ``closed_form: true`` (eq. 20/71-82): with the ridge term
 ``ω ‖τ_m − τ_t‖²_F`` added to each task's term the optimum solves
@@ -75,8 +77,12 @@ ADAM_EPS = 1e-8
 class WUDIParams(Params):
     """Parameters of WUDI-Merging."""
 
-    steps: int = Field(300, ge=0, le=1_000_000, description="Adam steps per linear layer (the paper uses 300).")
-    lr: float = Field(1e-5, gt=0, allow_inf_nan=False, description="Adam learning rate (the paper uses 1e-5).")
+    steps: int = Field(
+        300, ge=0, le=1_000_000, description="Adam steps per linear layer (the paper uses 300)."
+    )
+    lr: float = Field(
+        1e-5, gt=0, allow_inf_nan=False, description="Adam learning rate (the paper uses 1e-5)."
+    )
     closed_form: bool = Field(
         False, description="Solve the ridge-regularised objective in closed form (WUDI-CFS) instead of Adam."
     )
@@ -89,15 +95,18 @@ class WUDIParams(Params):
     )
     balance: bool = Field(True, description="Weight each task's term by 1/‖τ_t‖²_F, as the paper does.")
     weights: list[float] | None = Field(
-        None, description="Optional per-expert multipliers of the tasks' terms, in expert order (default all 1)."
+        None,
+        description="Optional per-expert multipliers of the tasks' terms, in expert order (default all 1).",
     )
     scale: float = Field(
-        1.0, allow_inf_nan=False, description="Rescaling coefficient: θ = θ_0 + scale·τ_m (the paper uses 1.0)."
+        1.0,
+        allow_inf_nan=False,
+        description="Rescaling coefficient: θ = θ_0 + scale·τ_m (the paper uses 1.0).",
     )
     nonlinear: Literal["base", "mean", "sum"] = Field(
         "base",
-        description="Tensors that are not linear weights (1-D, >2-D, excluded 2-D): keep the base (the paper), "
-        "or add the mean or the sum of the task vectors.",
+        description="Tensors that are not linear weights (1-D, >2-D, excluded 2-D): keep the base "
+        "(the paper), or add the mean or the sum of the task vectors.",
     )
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
@@ -105,7 +114,8 @@ class WUDIParams(Params):
         "`nonlinear`.",
     )
     fan_in_fan_out: bool = Field(
-        False, description="2-D weights are stored (in, out), as transformers' Conv1D in GPT-2; transpose them."
+        False,
+        description="2-D weights are stored (in, out), as transformers' Conv1D in GPT-2; transpose them.",
     )
 
     @field_validator("weights")
@@ -125,7 +135,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def task_weights(deltas: torch.Tensor, weights: Sequence[float] | None = None, balance: bool = True) -> torch.Tensor:
+def task_weights(
+    deltas: torch.Tensor, weights: Sequence[float] | None = None, balance: bool = True
+) -> torch.Tensor:
     """The loss weights ``w_t`` of one layer: ``weights_t / ‖τ_t‖²_F`` (0 for a zero task vector).
 
     Args:
@@ -137,7 +149,10 @@ def task_weights(deltas: torch.Tensor, weights: Sequence[float] | None = None, b
         A tensor of shape ``(T,)`` in the dtype of ``deltas``.
     """
     sq_norms = deltas.reshape(deltas.shape[0], -1).square().sum(dim=1)
-    w = torch.ones_like(sq_norms) if weights is None else torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    if weights is None:
+        w = torch.ones_like(sq_norms)
+    else:
+        w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     nonzero = sq_norms > 0
     if balance:
         w = w / torch.where(nonzero, sq_norms, torch.ones_like(sq_norms))
@@ -171,10 +186,15 @@ class GramObjective:
         self.S = None if factored else torch.zeros((n, n), dtype=deltas.dtype, device=deltas.device)
         self.X = None
         for t in active:
-            gram = deltas[t].T @ deltas[t]
+            delta, weight = deltas[t], float(weights[t])
+            wide = 2 * m < n  # then C_t = (τ_t τ_tᵀ) τ_t is cheaper than τ_t (τ_tᵀ τ_t)
+            gram = delta.T @ delta if (self.S is not None or not wide) else None
             if self.S is not None:
-                self.S.add_(gram, alpha=float(weights[t]))
-            self.C.addmm_(deltas[t], gram, alpha=float(weights[t]))
+                self.S.add_(gram, alpha=weight)
+            if wide:
+                self.C.addmm_(delta @ delta.T, delta, alpha=weight)
+            else:
+                self.C.addmm_(delta, gram, alpha=weight)
         if factored:
             index = torch.tensor(active, dtype=torch.long, device=deltas.device)
             roots = weights[index].sqrt().reshape(-1, 1, 1)
@@ -191,7 +211,9 @@ class GramObjective:
         return (self.product(tau_m) - self.C).mul_(2.0)
 
 
-def adam(start: torch.Tensor, gradient: Callable[[torch.Tensor], torch.Tensor], steps: int, lr: float) -> torch.Tensor:
+def adam(
+    start: torch.Tensor, gradient: Callable[[torch.Tensor], torch.Tensor], steps: int, lr: float
+) -> torch.Tensor:
     """Run Adam (``torch.optim.Adam`` defaults: betas 0.9/0.999, eps 1e-8) on one tensor.
 
     Args:
@@ -234,7 +256,8 @@ def wudi_adam(deltas: torch.Tensor, *, steps: int = 300, lr: float = 1e-5,
     """
     w = task_weights(deltas, weights, balance)
     start = deltas[w > 0].sum(dim=0)
-    if steps == 0 or not bool((w > 0).any()):
+    if steps == 0 or int((w > 0).sum()) <= 1:
+        # One task: the start is the exact optimum (zero loss); Adam would only amplify rounding noise.
         return start
     objective = GramObjective(deltas, w)
     return adam(start, objective.gradient, steps, lr)
@@ -335,7 +358,9 @@ class WUDI(MergeMethod):
         if p.fan_in_fan_out:
             work = work.transpose(1, 2).contiguous()
         if p.closed_form:
-            merged = wudi_closed_form(work, omega=p.omega, weights=p.weights, balance=p.balance, name=group.name)
+            merged = wudi_closed_form(
+                work, omega=p.omega, weights=p.weights, balance=p.balance, name=group.name
+            )
         else:
             merged = wudi_adam(work, steps=p.steps, lr=p.lr, weights=p.weights, balance=p.balance)
         if p.fan_in_fan_out:

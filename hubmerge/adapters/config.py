@@ -136,7 +136,9 @@ def lora_variants(config) -> list[str]:
     for field in dataclasses.fields(config):
         if field.name == "init_lora_weights":
             for option in field.metadata.get("lora_variants", ()):
-                if isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower().startswith(option):
+                if isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower().startswith(
+                    option
+                ):
                     active.append(f"init_lora_weights={config.init_lora_weights}")
         elif field.metadata.get("is_lora_variant") and getattr(config, field.name):
             active.append(field.name)

@@ -11,8 +11,9 @@ adapter changes, checking every shape, before the engine reads anything. Afterwa
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -74,7 +75,7 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype adapter maths runs in: float64 for float64 bases, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -95,6 +96,8 @@ class AdapterExpert(Expert):
     """
 
     suffixes: ClassVar[Mapping[str, str]] = {}
+    kind_name: ClassVar[str] = "adapter"
+    kind: str = "adapter"
 
     def __init__(self, resolved: ResolvedModel, config: Any, base: Checkpoint):
         super().__init__(resolved)
@@ -105,6 +108,7 @@ class AdapterExpert(Expert):
         self.tensors = parse_adapter_keys(self.weights.names(), self.suffixes, str(self.weights.files[0]))
         self._base = base
         self._plan: dict[str, TensorPlan] | None = None
+        self._plan_lock = threading.Lock()
         self.name_map: NameMap | None = None
 
     # -- the Expert contract -----------------------------------------------------------
@@ -116,13 +120,18 @@ class AdapterExpert(Expert):
                 shapes do not fit the base weight (naming the module and both shapes).
             AdapterError: The adapter is incomplete or uses something unsupported.
         """
+        if not self.tensors:
+            raise AdapterError(f"adapter {self.label!r}: {self.weights.files[0]} holds no adapter tensors")
         for tensor in self.tensors:
             dtype = self.weights.meta[tensor.key].dtype
             if not dtype.is_floating_point:
-                raise AdapterError(f"adapter {self.label!r}: tensor {tensor.key!r} is {dtype}, not floating point")
+                raise AdapterError(
+                    f"adapter {self.label!r}: tensor {tensor.key!r} is {dtype}, not floating point"
+                )
         targets = {t.target: self.describe_target(t) for t in self.tensors}
-        self.name_map = map_names(targets, base.meta.keys(), label=self.label,
-                                  fits=lambda m: self._fits(m, base))
+        self.name_map = map_names(
+            targets, base.meta.keys(), label=self.label, fits=lambda m: self._fits(m, base)
+        )
         plans: dict[str, TensorPlan] = {}
         for tensor in self.tensors:
             if tensor.role == FULL:
@@ -145,7 +154,7 @@ class AdapterExpert(Expert):
         if fetched is None:
             return None
         plan = self.plan[name]
-        work = compute_dtype(base.dtype)
+        work = work_dtype(base.dtype)
         tensors = {k: v.to(device=base.device, dtype=work) for k, v in fetched.items()}
         base_w = base.to(dtype=work)
         start = tensors.pop("replace", None)
@@ -168,14 +177,30 @@ class AdapterExpert(Expert):
     def plan(self) -> dict[str, TensorPlan]:
         """Base tensor name to :class:`TensorPlan` (checks against the base first if needed)."""
         if self._plan is None:
-            self.check(self._base)
+            with self._plan_lock:  # reader threads may ask first
+                if self._plan is None:
+                    self.check(self._base)
         return self._plan
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for lineage and cards (kind, PEFT type, the base it was trained on)."""
+        return {
+            "adapter": self.kind,
+            "peft_type": self.peft_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "rank": getattr(self.config, "r", None),
+            "name_map": None if self.name_map is None else str(self.name_map),
+        }
 
     def describe_target(self, tensor: AdapterTensor) -> str:
         """How a tensor's target is called in messages."""
-        if tensor.role == FULL:
-            return f"saved tensor {tensor.target!r} (modules_to_save / bias / saved embeddings)"
-        return f"{self.peft_type} target module {tensor.module!r}"
+        if tensor.role != FULL:
+            return f"{self.kind_name} target module {tensor.module!r}"
+        if any(tensor.module.endswith(m) for m in getattr(self.config, "modules_to_save", None) or ()):
+            return f"modules_to_save module {tensor.module!r} (tensor {tensor.target!r})"
+        if tensor.target.endswith(".bias") and getattr(self.config, "bias", "none") != "none":
+            return f"bias {tensor.target!r} (saved by bias={self.config.bias!r})"
+        return f"saved tensor {tensor.target!r}"
 
     def modules(self) -> dict[str, dict[str, AdapterTensor]]:
         """The adapter's own tensors grouped by module: module name to role to tensor."""
@@ -266,18 +291,12 @@ def open_adapter_weights(resolved: ResolvedModel) -> Checkpoint:
         if (directory / "adapter_model.bin").is_file():
             raise UnsafeCheckpointError(
                 f"{directory}: adapter weights only as adapter_model.bin (pickle); hubmerge never unpickles. "
-                "Convert them with `PeftModel.from_pretrained(...).save_pretrained(d, safe_serialization=True)` "
+                "Convert them with `PeftModel.from_pretrained(...).save_pretrained(d, "
+                "safe_serialization=True)` "
                 "on a machine you trust"
             )
-        raise AdapterError(f"adapter {resolved.label!r}: weights file {directory / WEIGHTS_FILE} is missing "
-                           f"(found {CONFIG_FILE} but no adapter weights)")
+        raise AdapterError(
+            f"adapter {resolved.label!r}: weights file {directory / WEIGHTS_FILE} is missing "
+            f"(found {CONFIG_FILE} but no adapter weights)"
+        )
     return Checkpoint(directory, weights=WEIGHTS_FILE)
-
-
-@dataclass
-class ModuleShapes:
-    """Shapes of a base layer's tensors, for shape checks (``None`` when absent)."""
-
-    weight: tuple[int, ...]
-    bias: tuple[int, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

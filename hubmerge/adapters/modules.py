@@ -1,7 +1,8 @@
 """Module names: reading PEFT's tensor keys and finding the base tensors they change.
 
 PEFT saves an adapter's tensors under the module names of the model it was trained on,
-prefixed by ``base_model.model.`` (``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``).
+prefixed by ``base_model.model.``
+(``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``).
 The base checkpoint may name the same tensor differently: saved as the bare model
 (``encoder.layer.0...``) while the adapter was trained on a task-head wrapper
 (``bert.encoder.layer.0...``), or the other way round. :func:`map_names` finds the one
@@ -105,7 +106,7 @@ def parse_adapter_keys(keys: Collection[str], suffixes: Mapping[str, str], where
                 wrapper = BASE_LAYER if BASE_LAYER in parts[:-1] else MODULES_TO_SAVE
                 i = len(parts) - 1 - parts[::-1].index(wrapper)
                 module = ".".join(parts[:i])
-                target = ".".join(parts[:i] + parts[i + 1:])
+                target = ".".join(parts[:i] + parts[i + 1 :])
                 if wrapper == MODULES_TO_SAVE:
                     deferred.append(AdapterTensor(key, module, FULL, target))
                     continue
@@ -136,7 +137,7 @@ class NameMap:
         """The base name for ``name``, or ``None`` if ``name`` lacks the dropped prefix."""
         if not name.startswith(self.drop):
             return None
-        return self.add + name[len(self.drop):]
+        return self.add + name[len(self.drop) :]
 
     def __str__(self) -> str:
         if not self.drop and not self.add:
@@ -158,8 +159,13 @@ def _candidates(target: str, base_by_tail: Mapping[tuple[str, ...], list[str]]) 
     return found
 
 
-def map_names(targets: Mapping[str, str], base_names: Collection[str], *, label: str,
-              fits: Callable[[NameMap], bool] | None = None) -> NameMap:
+def map_names(
+    targets: Mapping[str, str],
+    base_names: Collection[str],
+    *,
+    label: str,
+    fits: Callable[[NameMap], bool] | None = None,
+) -> NameMap:
     """Find the renaming that takes every tensor an adapter changes to a tensor of the base.
 
     Among the renamings that map every target, those dropping the fewest components win
@@ -195,8 +201,10 @@ def map_names(targets: Mapping[str, str], base_names: Collection[str], *, label:
     if not complete:
         first = next(iter(targets))
         if not support:
-            raise AdapterMismatchError(f"adapter {label!r}: {targets[first]} has no counterpart in the base "
-                                       f"(no tensor named like {first!r})")
+            raise AdapterMismatchError(
+                f"adapter {label!r}: {targets[first]} has no counterpart in the base "
+                f"(no tensor named like {first!r})"
+            )
         best = min(support, key=lambda m: (-support[m], m.drop.count("."), m.add.count("."), m.drop, m.add))
         for target, what in targets.items():
             mapped = best(target)
@@ -207,7 +215,9 @@ def map_names(targets: Mapping[str, str], base_names: Collection[str], *, label:
                 )
         raise AdapterMismatchError(f"adapter {label!r}: its module names do not map onto the base")
     fewest = min(m.drop.count(".") for m in complete)
-    complete = sorted((m for m in complete if m.drop.count(".") == fewest), key=lambda m: (m.add.count("."), m.add))
+    complete = sorted(
+        (m for m in complete if m.drop.count(".") == fewest), key=lambda m: (m.add.count("."), m.add)
+    )
     if NameMap() in complete:
         return NameMap()
     if len(complete) > 1 and fits is not None:
@@ -249,11 +259,15 @@ def base_layer_types(directory: str) -> Mapping[str, str] | None:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+            config = transformers.AutoConfig.from_pretrained(
+                directory, local_files_only=True, trust_remote_code=False
+            )
             architecture = (getattr(config, "architectures", None) or [None])[0]
             model_cls = getattr(transformers, architecture, None) if architecture else None
             with torch.device("meta"):
-                model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
+                model = (
+                    model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
+                )
         finally:
             hf_logging.set_verbosity(verbosity)
     except Exception as exc:  # any failure only means we fall back to the adapter's config

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from hubmerge.errors import LocalHubNotFoundError, LocalHubRequestError
+from hubmerge.errors import LocalHubConflictError, LocalHubNotFoundError, LocalHubRequestError
 
 from .cards import validate_card
 from .context import HubContext, repo_web_url
@@ -73,7 +73,10 @@ def whoami(ctx: HubContext, authed: bool) -> JsonResult:
         "isPro": False,
         "canPay": False,
         "orgs": [],
-        "auth": {"type": "access_token", "accessToken": {"displayName": "hubmerge-localhub", "role": "write"}},
+        "auth": {
+            "type": "access_token",
+            "accessToken": {"displayName": "hubmerge-localhub", "role": "write"},
+        },
     }
 
 
@@ -107,10 +110,8 @@ def create_repo(ctx: HubContext, authed: bool, body: Mapping[str, Any], base_url
     url = repo_web_url(base_url, ref)
     try:
         meta = ctx.store.create_repo(ref, private=private, author=ctx.username)
-    except Exception as exc:
-        if getattr(exc, "status", None) == 409:
-            return 409, {"error": str(exc), "url": url}, {"X-Error-Message": "Repository already exists"}
-        raise
+    except LocalHubConflictError as exc:
+        return 409, {"error": str(exc), "url": url}
     return 200, {"url": url, "name": ref.repo_id, "id": meta.uid}
 
 
@@ -271,7 +272,11 @@ def _last_commits(ctx: HubContext, meta: RepoMeta, commit: Commit, paths: dict[s
         if parent is None:
             changed = set(current.tree)
         else:
-            changed = {p for p in current.tree.keys() | parent.tree.keys() if current.tree.get(p) != parent.tree.get(p)}
+            changed = {
+                p
+                for p in current.tree.keys() | parent.tree.keys()
+                if current.tree.get(p) != parent.tree.get(p)
+            }
         info = {"id": current.id, "title": current.title, "date": current.date}
         for path, is_dir in list(pending.items()):
             hit = any(c.startswith(path + "/") for c in changed) if is_dir else path in changed
@@ -319,7 +324,9 @@ def list_tree(
     if path:
         path = validate_path_in_repo(path, folder=True)
         if path not in tree_oids:
-            raise LocalHubNotFoundError(f"{path} is not a folder of {ref.repo_id}@{revision}.", code="EntryNotFound")
+            raise LocalHubNotFoundError(
+                f"{path} is not a folder of {ref.repo_id}@{revision}.", code="EntryNotFound"
+            )
     recursive = _truthy(query.get("recursive", [None])[0])
     expand = _truthy(query.get("expand", [None])[0])
     prefix = f"{path}/" if path else ""
@@ -411,7 +418,9 @@ def delete_ref(ctx: HubContext, authed: bool, ref: RepoRef, kind: str, name: str
 # ---------------------------------------------------------------------- preupload
 
 
-def preupload(ctx: HubContext, authed: bool, ref: RepoRef, revision: str, body: Mapping[str, Any]) -> JsonResult:
+def preupload(
+    ctx: HubContext, authed: bool, ref: RepoRef, revision: str, body: Mapping[str, Any]
+) -> JsonResult:
     """``POST /api/{type}s/{repo}/preupload/{rev}``: per file, ``lfs`` or ``regular``.
 
     LFS when ``.gitattributes`` at the revision says ``filter=lfs``, when the file is
@@ -427,7 +436,9 @@ def preupload(ctx: HubContext, authed: bool, ref: RepoRef, revision: str, body: 
         raise LocalHubRequestError("'files' must be a list.")
     attributes = GitAttributes(_small_text(ctx, commit, ".gitattributes"))
     ignore_text = body.get("gitIgnore")
-    ignore = GitIgnore(ignore_text if isinstance(ignore_text, str) else _small_text(ctx, commit, ".gitignore"))
+    ignore = GitIgnore(
+        ignore_text if isinstance(ignore_text, str) else _small_text(ctx, commit, ".gitignore")
+    )
     answers = []
     for item in files:
         if not isinstance(item, dict):

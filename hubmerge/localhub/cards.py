@@ -61,9 +61,9 @@ def parse_card_metadata(text: str) -> dict | None:
         raise ValueError(f"Invalid YAML in the model card metadata: {exc}") from exc
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise ValueError("The model card metadata must be a YAML mapping.")
-    return json.loads(json.dumps(data, default=str))
+    if isinstance(data, dict):
+        return json.loads(json.dumps(data, default=str))
+    raise ValueError("The model card metadata must be a YAML mapping.")
 
 
 def validate_card(content: str) -> tuple[list[dict], list[dict]]:

@@ -99,7 +99,9 @@ class HubContext:
     def require_token(authed: bool) -> None:
         """Refuse anonymous writes with 401."""
         if not authed:
-            raise LocalHubAuthError("You must be authenticated (with the server's token) to do this.", status=401)
+            raise LocalHubAuthError(
+                "You must be authenticated (with the server's token) to do this.", status=401
+            )
 
     def visible_repo(self, ref: RepoRef, authed: bool) -> RepoMeta:
         """The repo, if it exists and the caller may see it (private ones need the token).

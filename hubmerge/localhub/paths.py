@@ -39,7 +39,9 @@ def repo_type_from_plural(plural: str) -> str:
     for repo_type, known in REPO_TYPE_PLURALS.items():
         if plural == known:
             return repo_type
-    raise LocalHubRequestError(f"Repo type '{plural}' is not supported by this server (models, datasets only).")
+    raise LocalHubRequestError(
+        f"Repo type '{plural}' is not supported by this server (models, datasets only)."
+    )
 
 
 def validate_repo_type(repo_type: str | None) -> str:
@@ -50,7 +52,9 @@ def validate_repo_type(repo_type: str | None) -> str:
     """
     repo_type = repo_type or "model"
     if repo_type not in REPO_TYPE_PLURALS:
-        raise LocalHubRequestError(f"Repo type '{repo_type}' is not supported by this server (model, dataset only).")
+        raise LocalHubRequestError(
+            f"Repo type '{repo_type}' is not supported by this server (model, dataset only)."
+        )
     return repo_type
 
 
@@ -117,7 +121,9 @@ def validate_path_in_repo(path: object, *, folder: bool = False) -> str:
         path = path[:-1]
     shown = path.encode("unicode_escape").decode("ascii")[:200]
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path) or "\\" in path:
-        raise LocalHubRequestError(f"Invalid path in repo '{shown}': control characters and backslashes are refused.")
+        raise LocalHubRequestError(
+            f"Invalid path in repo '{shown}': control characters and backslashes are refused."
+        )
     if path.startswith("/"):
         raise LocalHubRequestError(f"Invalid path in repo '{shown}': absolute paths are refused.")
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:

@@ -2,6 +2,7 @@
 
 Layout of the data directory::
 
+    DATA/.hubmerge-localhub         marks the directory as ours
     DATA/token                      server token (mode 0600), see ``auth.py``
     DATA/.lock                      held while a server uses DATA
     DATA/blobs/ab/cd/<sha256>       file contents, shared by all repos
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from hubmerge.errors import (
     LocalHubConfigError,
@@ -48,12 +49,17 @@ from hubmerge.errors import (
 from .gitmatch import DEFAULT_GITATTRIBUTES
 from .paths import REPO_TYPE_PLURALS, is_commit_hash, is_sha256, validate_ref_name, validate_repo_part
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 logger = logging.getLogger(__name__)
 
 #: Files larger than this must go through LFS, as on the Hub.
 MAX_REGULAR_FILE_SIZE = 10 * 1024 * 1024
 _LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 _COMMIT_CACHE_SIZE = 512
+#: Marks a directory as a local Hub data directory (so a wrong --data is refused, not modified).
+MARKER_FILE = ".hubmerge-localhub"
 
 try:  # POSIX: keep two servers from sharing one data directory
     import fcntl
@@ -209,7 +215,9 @@ class BlobUpload:
         """
         self.received += len(chunk)
         if self.received > self.expected_size:
-            raise LocalHubRequestError(f"LFS upload exceeds the announced size of {self.expected_size} bytes.")
+            raise LocalHubRequestError(
+                f"LFS upload exceeds the announced size of {self.expected_size} bytes."
+            )
         self._hash.update(chunk)
         self._file.write(chunk)
 
@@ -255,6 +263,14 @@ class RepoStore:
         self.data_dir = Path(data_dir).expanduser().resolve()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            marker = self.data_dir / MARKER_FILE
+            if not marker.exists():
+                if any(self.data_dir.iterdir()):
+                    raise LocalHubConfigError(
+                        f"{self.data_dir} is not empty and is not a local Hub data directory; use an empty or"
+                        " new directory."
+                    )
+                marker.write_text('{"format": 1}\n')
             mode = stat.S_IMODE(self.data_dir.stat().st_mode)
             if mode & 0o077:
                 logger.warning(
@@ -306,7 +322,7 @@ class RepoStore:
             self._lock_file.close()
             self._lock_file = None
 
-    def __enter__(self) -> RepoStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -579,7 +595,7 @@ class RepoStore:
             message: Commit description.
             author: User name recorded as author.
             parent_commit: If given, the commit fails unless the branch head is this commit
-                (a full id or a prefix of at least 7 characters).
+                (a full id or a prefix of at least 5 characters).
 
         Returns:
             The new commit.
@@ -594,10 +610,12 @@ class RepoStore:
             meta = self.get_repo(ref)
             refs = self.refs(meta)
             if branch not in refs["branches"]:
-                raise LocalHubNotFoundError(f"Invalid rev id: {branch} is not a branch", code="RevisionNotFound")
+                raise LocalHubNotFoundError(
+                    f"Invalid rev id: {branch} is not a branch", code="RevisionNotFound"
+                )
             head = self.load_commit(meta, refs["branches"][branch])
             if parent_commit is not None and not (
-                len(parent_commit) >= 7 and head.id.startswith(parent_commit.lower())
+                len(parent_commit) >= 5 and head.id.startswith(parent_commit.lower())
             ):
                 raise LocalHubConflictError(
                     "A commit has happened since. Please refresh and try again."
@@ -688,14 +706,18 @@ def _apply_operations(store: RepoStore, tree: dict[str, TreeEntry], operations: 
             prefix = op.path + "/"
             doomed = [path for path in tree if path.startswith(prefix)]
             if not doomed:
-                raise LocalHubNotFoundError(f"A folder with this name doesn't exist: {op.path}", code="EntryNotFound")
+                raise LocalHubNotFoundError(
+                    f"A folder with this name doesn't exist: {op.path}", code="EntryNotFound"
+                )
             for path in doomed:
                 del tree[path]
     for path in tree:
         parts = path.split("/")
         for depth in range(1, len(parts)):
             if "/".join(parts[:depth]) in tree:
-                raise LocalHubRequestError(f"Path conflict: '{'/'.join(parts[:depth])}' is a file and a folder.")
+                raise LocalHubRequestError(
+                    f"Path conflict: '{'/'.join(parts[:depth])}' is a file and a folder."
+                )
     return tree
 
 

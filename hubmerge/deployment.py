@@ -1,0 +1,595 @@
+"""Per-task deployments: distinct tensors stored once, one view per task.
+
+Methods whose output differs per task (FlexMerge groups, EMR-Merging, TALL masks) write a
+**deployment** instead of a model: a directory (later a Hub repo or branch) that any task's
+ordinary checkpoint can be rebuilt from.
+
+Layout::
+
+    deployment.json                  the manifest (below)
+    deployment.safetensors           the distinct tensors, each stored once under a unique key
+                                     (or deployment-0000i-of-0000N.safetensors + its index)
+    config.json, tokenizer files...  copied from the base
+    hubmerge_recipe.yaml             the resolved recipe (also marks the directory as hubmerge's)
+
+The weights file is deliberately *not* called ``model.safetensors``: its keys are not a model's,
+so ``AutoModel.from_pretrained`` on the directory fails instead of loading nonsense. Use
+:func:`load_task_model` or :func:`export_task`.
+
+Manifest, ``format_version`` 1::
+
+    {
+      "format": "hubmerge-deployment", "format_version": 1,
+      "kind": "flexmerge",                      # producer: flexmerge | emr | tall ...
+      "tasks": ["sst2", "mnli"],                # task names (the experts' labels), in recipe order
+      "weights_file": "deployment.safetensors",
+      "model_class": "BertModel",               # the base config's architectures[0], or null
+      "weights": [{"name": "...", "shape": [..], "dtype": "F32"}, ...],   # one task's checkpoint, in order
+      "views": {"<task>": {"<weight name>": <entry>, ...}, ...},
+      "storage": {"bytes": 123, "model_bytes": 100, "model_equivalents": 1.23},
+      "flexmerge": {...}                        # producer-specific details, keyed by kind
+    }
+
+    <entry> := "<key>"                          the stored tensor ``key``, used as is
+             | {"base": "<key>",                 base + scale * (delta * mask)
+                "delta": "<key>",
+                "mask": "<key>", "mask_row": 3,   optional: bit-packed mask, see pack_mask()
+                "scale": 0.93}                    optional per-task scalar (EMR's rescaler), default 1
+
+A FlexMerge deployment uses only the first form. The second one is the shape EMR-Merging
+(``theta_pre + gamma_t * (tau_uni * m_t)``) and TALL / Consensus masks (``theta_pre + tau * m_t``)
+take: ``theta_pre`` and ``tau_uni`` stored once, one bit per entry and task for the masks (a
+``uint8`` tensor of shape ``(tasks, ceil(numel / 8))``, LSB first, one row per task), and one
+scalar per task. Storage is the bytes of the stored tensors, so masks count as bits, as in the
+FlexMerge paper's Table 1.
+
+What is shared when several tasks are loaded in one process (:func:`load_task_model`): every
+stored tensor that a task uses *as is* is read once per deployment directory and the task
+models' parameters point at the same memory, for as long as one of them is alive. Weights that
+must be rebuilt (masked entries), converted (another dtype or device than stored) or re-laid by
+transformers' checkpoint conversion are per model. The shared parameters must therefore be
+treated as read-only: training one task model in place would change the others (pass
+``share=False`` for private copies).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
+from .errors import DeploymentError
+from .writer import (
+    OWNER_MARKER,
+    TEMP_PREFIX,
+    ShardedWriter,
+    TensorSpec,
+    check_output_path,
+    clean_stale_temporaries,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "hubmerge-deployment"
+FORMAT_VERSION = 1
+MANIFEST = "deployment.json"
+WEIGHTS_STEM = "deployment"
+WEIGHTS_FILE = f"{WEIGHTS_STEM}.safetensors"
+#: Files of a deployment that are not carried into an exported checkpoint.
+DEPLOYMENT_FILES = {MANIFEST, WEIGHTS_FILE, f"{WEIGHTS_FILE}.index.json", "README.md", ".gitattributes"}
+
+
+# -- masks -----------------------------------------------------------------------------------------------
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean mask into bits: ``uint8`` of ``ceil(numel / 8)`` bytes, LSB first.
+
+    Element ``i`` of the flattened mask is bit ``i % 8`` of byte ``i // 8`` (numpy's
+    ``packbits(..., bitorder="little")``).
+
+    Args:
+        mask: Any shape, bool (or 0/1) values.
+
+    Returns:
+        A 1-D ``uint8`` tensor.
+    """
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`.
+
+    Args:
+        packed: 1-D ``uint8`` with at least ``ceil(prod(shape) / 8)`` bytes.
+        shape: The mask's shape.
+
+    Returns:
+        A bool tensor of ``shape``.
+    """
+    numel = math.prod(shape)
+    bits = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    flat = packed.reshape(-1, 1).bitwise_right_shift(bits).bitwise_and_(1).reshape(-1)
+    return flat[:numel].bool().reshape(tuple(shape))
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+def _spec_json(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": DTYPE_NAMES[spec.dtype]}
+
+
+def _entry_keys(entry: Any) -> list[str]:
+    if isinstance(entry, str):
+        return [entry]
+    return [entry[k] for k in ("base", "delta", "mask") if k in entry]
+
+
+def check_views(tasks: list[str], weights: list[TensorSpec], stored: dict[str, TensorSpec],
+                views: dict[str, dict[str, Any]]) -> None:
+    """Check that every task has an entry for every weight and that entries fit the stored tensors.
+
+    Args:
+        tasks: Task names.
+        weights: The ordinary checkpoint's tensors.
+        stored: Stored tensors by key.
+        views: Task to weight name to entry (see the module docstring).
+
+    Raises:
+        DeploymentError: Naming the task, weight or key at fault.
+    """
+    if set(views) != set(tasks):
+        raise DeploymentError(f"views are for tasks {sorted(views)}, the deployment has {sorted(tasks)}")
+    for task in tasks:
+        view = views[task]
+        for spec in weights:
+            entry = view.get(spec.name)
+            where = f"task {task!r}, weight {spec.name!r}"
+            if entry is None:
+                raise DeploymentError(f"{where}: no entry")
+            if isinstance(entry, dict):
+                unknown = set(entry) - {"base", "delta", "mask", "mask_row", "scale"}
+                if unknown or "base" not in entry or "delta" not in entry:
+                    raise DeploymentError(f"{where}: an entry object needs `base` and `delta` "
+                                          f"(optional `mask`, `mask_row`, `scale`), got {sorted(entry)}")
+                if ("mask_row" in entry) and "mask" not in entry:
+                    raise DeploymentError(f"{where}: `mask_row` without `mask`")
+            elif not isinstance(entry, str):
+                raise DeploymentError(f"{where}: entry must be a key or an object, got {type(entry).__name__}")
+            for key in _entry_keys(entry):
+                if key not in stored:
+                    raise DeploymentError(f"{where}: unknown stored tensor {key!r}")
+            if isinstance(entry, str):
+                if stored[entry].shape != spec.shape:
+                    raise DeploymentError(f"{where}: stored tensor {entry!r} has shape {list(stored[entry].shape)}, "
+                                          f"the weight has {list(spec.shape)}")
+            else:
+                for part in ("base", "delta"):
+                    if stored[entry[part]].shape != spec.shape:
+                        raise DeploymentError(f"{where}: {part} {entry[part]!r} has shape "
+                                              f"{list(stored[entry[part]].shape)}, the weight has {list(spec.shape)}")
+                if "mask" in entry:
+                    mask = stored[entry["mask"]]
+                    need = -(-math.prod(spec.shape) // 8)
+                    if mask.dtype != torch.uint8 or mask.shape[-1] < need:
+                        raise DeploymentError(f"{where}: mask {entry['mask']!r} must be uint8 with at least "
+                                              f"{need} bytes per row")
+
+
+class DeploymentWriter:
+    """Writes one deployment directory: stored tensors streamed in order, manifest, atomic rename.
+
+    The stored tensors are planned up front (unique keys, shapes, dtypes) and streamed with
+    :class:`~hubmerge.writer.ShardedWriter`; nothing is visible at ``target`` until
+    :meth:`finish` renames the finished directory into place.
+
+    Args:
+        target: Final directory.
+        tasks: Task names, in order.
+        weights: The tensors of one task's ordinary checkpoint (names, shapes, dtypes), in order.
+        stored: The distinct tensors to store, in the order :meth:`write` receives them.
+        views: Task to weight name to entry (see the module docstring).
+        kind: Producer (``flexmerge``, ``emr``...).
+        shard_size: Maximum bytes per weights shard.
+        model_class: transformers class to build a task model with (``None``: ``AutoModel``).
+        overwrite: Replace an existing directory that is not hubmerge's.
+
+    Raises:
+        DeploymentError: If the views do not fit the stored tensors.
+        OutputExistsError: If ``target`` exists and is not hubmerge's (without ``overwrite``).
+    """
+
+    def __init__(self, target: Path, *, tasks: list[str], weights: list[TensorSpec], stored: list[TensorSpec],
+                 views: dict[str, dict[str, Any]], kind: str, shard_size: int, model_class: str | None = None,
+                 overwrite: bool = False):
+        by_key = {s.name: s for s in stored}
+        if len(by_key) != len(stored):
+            raise DeploymentError("stored tensor keys are not unique")
+        check_views(tasks, weights, by_key, views)
+        self.tasks = list(tasks)
+        self.weights = list(weights)
+        self.stored = list(stored)
+        self.views = views
+        self.kind = kind
+        self.model_class = model_class
+        self._writer = ShardedWriter(Path(target), self.stored, shard_size=shard_size, overwrite=overwrite,
+                                     stem=WEIGHTS_STEM)
+
+    @property
+    def keys(self) -> list[str]:
+        """Stored keys in write order."""
+        return self._writer.names
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(s.nbytes for s in self.stored)
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of one task's ordinary checkpoint (the unit of ``model_equivalents``)."""
+        return sum(s.nbytes for s in self.weights)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append the next stored tensor (in plan order, with its planned shape and dtype)."""
+        self._writer.write(key, tensor)
+
+    def add_file(self, relative: str, content: bytes | str | Path) -> None:
+        """Add a file (config, tokenizer, recipe...) to the deployment."""
+        self._writer.add_file(relative, content)
+
+    def manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The manifest as written by :meth:`finish`."""
+        model_bytes = self.model_bytes
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "tasks": self.tasks,
+            "weights_file": WEIGHTS_FILE,
+            "model_class": self.model_class,
+            "storage": {
+                "bytes": self.storage_bytes,
+                "model_bytes": model_bytes,
+                "model_equivalents": self.storage_bytes / model_bytes if model_bytes else 0.0,
+            },
+            "weights": [_spec_json(s) for s in self.weights],
+            "views": self.views,
+        }
+        if extra:
+            manifest[self.kind] = extra
+        return manifest
+
+    def finish(self, extra: dict[str, Any] | None = None) -> Path:
+        """Write the manifest and rename the directory into place.
+
+        Args:
+            extra: Producer-specific details stored under the manifest's ``kind`` key.
+
+        Returns:
+            The final directory.
+        """
+        self._writer.add_file(MANIFEST, json.dumps(self.manifest(extra), indent=1) + "\n")
+        return self._writer.finish()
+
+    def abort(self) -> None:
+        """Remove everything written so far."""
+        self._writer.abort()
+
+
+class StagedDirectory:
+    """A directory built in a hidden temporary beside ``target`` and renamed into place at once.
+
+    Used for a run that writes several deployments (``size-*``) under one output directory:
+    either all of them appear, or none. An existing ``target`` written by hubmerge (holding
+    ``hubmerge_recipe.yaml``) is replaced; another one only with ``overwrite``.
+
+    Args:
+        target: The final directory.
+        overwrite: Replace an existing directory that is not hubmerge's.
+
+    Raises:
+        OutputExistsError: See :func:`hubmerge.writer.check_output_path`.
+    """
+
+    def __init__(self, target: Path, *, overwrite: bool = False):
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        check_output_path(self.target, overwrite=overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(self.target.parent)
+        self.path = self.target.parent / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{self.target.name}"
+        self.path.mkdir()
+
+    def commit(self) -> Path:
+        """Rename the staged directory into place (replacing an old one) and return it."""
+        if not (self.path / OWNER_MARKER).is_file():
+            raise DeploymentError(f"{self.path}: staged output lacks {OWNER_MARKER}")
+        if self.target.exists() or self.target.is_symlink():
+            check_output_path(self.target, overwrite=self.overwrite)
+            trash = self.target.parent / f"{TEMP_PREFIX}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, trash)
+            os.replace(self.path, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.path, self.target)
+        return self.target
+
+    def abort(self) -> None:
+        """Remove the staged directory; ``target`` is left as it was."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskView:
+    """What a task model loaded by :func:`load_task_model` was built from (``model.hubmerge_task``).
+
+    Attributes:
+        directory: The deployment directory.
+        task: The task name.
+        keys: Weight name to the stored key(s) behind it.
+        shared: The stored tensors the model's weights point at; kept here so that models loaded
+            later from the same deployment find them in the shared cache.
+    """
+
+    directory: Path
+    task: str
+    keys: dict[str, Any]
+    shared: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+# (directory identity, key) -> stored tensor, alive while a model built from it is alive
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+class Deployment:
+    """A deployment directory opened for reading (manifest checked, tensors read lazily).
+
+    Args:
+        directory: The deployment directory.
+
+    Raises:
+        DeploymentError: If the directory holds no valid deployment (a FlexMerge output root is
+            recognised and its ``size-*`` deployments are named).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            sizes = sorted(p.name for p in self.directory.glob("size-*") if (p / MANIFEST).is_file())
+            hint = f"; it holds the deployments {', '.join(sizes)}: pass one of them" if sizes else ""
+            raise DeploymentError(f"{self.directory}: no {MANIFEST} (not a hubmerge deployment){hint}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DeploymentError(f"{path}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DeploymentError(f"{path}: not a {FORMAT} manifest")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DeploymentError(f"{path}: format_version {version!r} is newer than this hubmerge reads "
+                                  f"({FORMAT_VERSION}); upgrade hubmerge")
+        self.manifest = manifest
+        stat = path.stat()
+        self._identity = (str(self.directory.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        try:
+            self.tasks: list[str] = list(manifest["tasks"])
+            self.weights = [TensorSpec(w["name"], tuple(w["shape"]), DTYPES[w["dtype"]]) for w in manifest["weights"]]
+            self.views: dict[str, dict[str, Any]] = manifest["views"]
+        except (KeyError, TypeError) as exc:
+            raise DeploymentError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        self.store = Checkpoint(self.directory, weights=manifest.get("weights_file", WEIGHTS_FILE))
+        stored = {n: TensorSpec(n, m.shape, m.dtype) for n, m in self.store.meta.items()}
+        check_views(self.tasks, self.weights, stored, self.views)
+
+    @property
+    def kind(self) -> str:
+        """The producer (``flexmerge``...)."""
+        return self.manifest.get("kind", "?")
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """``bytes``, ``model_bytes`` and ``model_equivalents`` as recorded."""
+        return dict(self.manifest.get("storage", {}))
+
+    def check_task(self, task: str) -> None:
+        """Raise :class:`DeploymentError` naming the known tasks if ``task`` is not one."""
+        if task not in self.views:
+            raise DeploymentError(f"{self.directory}: no task {task!r} (tasks: {', '.join(self.tasks)})")
+
+    def stored(self, key: str, *, share: bool = False) -> torch.Tensor:
+        """One stored tensor (read once per process and deployment when ``share``)."""
+        if not share:
+            return self.store.get(key)
+        cache_key = (self._identity, key)
+        tensor = _SHARED.get(cache_key)
+        if tensor is None:
+            tensor = self.store.get(key)
+            _SHARED[cache_key] = tensor
+        return tensor
+
+    def tensor(self, task: str, name: str, *, share: bool = False) -> torch.Tensor:
+        """Task ``task``'s weight ``name``, rebuilt from the stored tensors.
+
+        Args:
+            task: A task of the deployment.
+            name: A weight name of the ordinary checkpoint.
+            share: Return the shared stored tensor itself where the entry is a plain key.
+
+        Returns:
+            The weight (a CPU tensor in the stored dtype).
+        """
+        self.check_task(task)
+        entry = self.views[task][name]
+        if isinstance(entry, str):
+            return self.stored(entry, share=share)
+        base = self.store.get(entry["base"])
+        delta = self.store.get(entry["delta"])
+        compute = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+        update = delta.to(compute)
+        if "mask" in entry:
+            packed = self.store.get(entry["mask"])
+            if packed.dim() == 2:
+                packed = packed[int(entry.get("mask_row", 0))]
+            update = update * unpack_mask(packed, update.shape)
+        scale = float(entry.get("scale", 1.0))
+        return (base.to(compute) + scale * update).to(base.dtype)
+
+    def close(self) -> None:
+        """Release file handles."""
+        self.store.close()
+
+
+def _local_directory(repo_or_dir: str | Path, revision: str | None, token: str | None) -> Path:
+    path = Path(repo_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    from .recipe import ModelRef
+    from .sources import resolve
+
+    try:
+        ref = ModelRef.model_validate(str(repo_or_dir))
+    except Exception:
+        raise DeploymentError(f"{repo_or_dir}: neither a directory nor a Hub repo id") from None
+    if ref.path is not None:
+        raise DeploymentError(f"{repo_or_dir}: not a directory")
+    if revision is not None:
+        ref = ref.model_copy(update={"revision": revision})
+    return resolve(ref, token=token).directory
+
+
+def _model_class(name_or_class: Any, manifest_class: str | None):
+    import transformers
+
+    if name_or_class is None:
+        if manifest_class and isinstance(getattr(transformers, manifest_class, None), type):
+            return getattr(transformers, manifest_class)
+        return transformers.AutoModel
+    if isinstance(name_or_class, str):
+        cls = getattr(transformers, name_or_class, None)
+        if not isinstance(cls, type):
+            raise DeploymentError(f"model_class {name_or_class!r} is not a transformers class")
+        return cls
+    return name_or_class
+
+
+def _concrete_class(cls, config):
+    """The model class an ``Auto*`` class would pick for ``config`` (concrete classes unchanged)."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise DeploymentError(f"{cls.__name__} has no model for config {type(config).__name__}") from None
+
+
+def load_task_model(repo_or_dir: str | Path, task: str, *, model_class: Any = None, revision: str | None = None,
+                    token: str | None = None, share: bool = True):
+    """Build one task's model from a deployment, as a plain transformers model.
+
+    Args:
+        repo_or_dir: A deployment directory (e.g. ``out/merge/size-2``) or a Hub repo id
+            (``org/name`` or ``org/name@revision``).
+        task: The task (an expert's label in the recipe).
+        model_class: A transformers class or its name; default: the class in the manifest (the
+            base config's ``architectures[0]``) when transformers has it, else ``AutoModel``.
+        revision: Hub revision (branch such as ``size-2``, tag or commit).
+        token: Hub token for private repos (never logged).
+        share: Let tasks loaded from the same deployment share the memory of the tensors they
+            have in common (see the module docstring); ``False`` gives private copies.
+
+    Returns:
+        The model in eval mode. ``model.hubmerge_task`` is a :class:`TaskView`.
+
+    Raises:
+        DeploymentError: No deployment there, unknown task, or the class needs weights that the
+            deployment does not hold.
+        HubError: The Hub cannot provide the repo.
+    """
+    from transformers import AutoConfig
+
+    directory = _local_directory(repo_or_dir, revision, token)
+    deployment = Deployment(directory)
+    try:
+        deployment.check_task(task)
+        state = {spec.name: deployment.tensor(task, spec.name, share=share) for spec in deployment.weights}
+    finally:
+        deployment.close()
+    config = AutoConfig.from_pretrained(directory)
+    cls = _concrete_class(_model_class(model_class, deployment.manifest.get("model_class")), config)
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise DeploymentError(
+            f"{directory}: {cls.__name__} needs weights the deployment does not hold ({', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "") + "); pass the base's model_class"
+        )
+    shared = list({id(t): t for t in state.values()}.values()) if share else []
+    model.hubmerge_task = TaskView(directory, task, dict(deployment.views[task]), shared)
+    return model.eval()
+
+
+def export_task(repo_or_dir: str | Path, task: str, out: str | Path, *, revision: str | None = None,
+                token: str | None = None, overwrite: bool = False, shard_size: int = 5 * 10**9) -> Path:
+    """Write one task of a deployment as a standalone, ordinary checkpoint directory.
+
+    The result (``model.safetensors`` or shards, config and tokenizer files, and
+    ``hubmerge_recipe.yaml``) loads with ``AutoModel.from_pretrained`` like any model. It is
+    streamed one tensor at a time and renamed into place when complete.
+
+    Args:
+        repo_or_dir: A deployment directory or Hub repo id.
+        task: The task to export.
+        out: Output directory.
+        revision: Hub revision.
+        token: Hub token.
+        overwrite: Replace an existing directory that hubmerge did not write.
+        shard_size: Maximum bytes per shard.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        DeploymentError: No deployment there or unknown task.
+        OutputExistsError: ``out`` exists and is not hubmerge's (without ``overwrite``).
+    """
+    directory = _local_directory(repo_or_dir, revision, token)
+    deployment = Deployment(directory)
+    writer = None
+    try:
+        deployment.check_task(task)
+        writer = ShardedWriter(Path(out), deployment.weights, shard_size=shard_size, overwrite=overwrite)
+        for spec in deployment.weights:
+            writer.write(spec.name, deployment.tensor(task, spec.name).to(spec.dtype))
+        for path in sorted(directory.rglob("*")):
+            rel = path.relative_to(directory)
+            if (not path.is_file() or rel.parts[0].startswith(".") or path.name in DEPLOYMENT_FILES
+                    or path.name.startswith(WEIGHTS_STEM) or path.name == OWNER_MARKER):
+                continue
+            writer.add_file(rel.as_posix(), path)
+        recipe = directory / OWNER_MARKER
+        note = (f"# Task {task!r} exported by hubmerge from the deployment {directory.name!r}; "
+                "the recipe below builds the whole deployment.\n")
+        writer.add_file(OWNER_MARKER, note + (recipe.read_text(encoding="utf-8") if recipe.is_file() else ""))
+        return writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        deployment.close()

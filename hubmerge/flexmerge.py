@@ -1,0 +1,1062 @@
+"""FlexMerge: every deployment size, from one merged model to all experts, from one recipe.
+
+Lu et al., "Navigating the Accuracy-Size Trade-Off with Flexible Model Merging"
+(reference code: ``sacs-epfl/flexmerge``). The model is cut into **blocks**; in every block each
+expert starts as its own group, and FlexMerge repeatedly merges, across all blocks, the pair of
+groups with the highest similarity. Each merge saves one copy of a block; stopping after ``m``
+merges gives a deployment of known size.
+
+**Blocks** (:func:`auto_block_of`): by default each transformer layer's attention, MLP and every
+norm are separate blocks (the paper's setting), recognised from module names (BERT, ViT, CLIP,
+GPT-2, Llama-like, T5, BART...); every module outside the layers (embeddings, pooler, final norm,
+head...; its weight and bias together) is a block of its own. A recipe may instead give
+``flexmerge.blocks: [{name, pattern}]``: a tensor belongs to the first rule whose regex
+``re.search``-es its name (capture groups make one block per match, ``name.<groups>``); unmatched
+tensors are one block each. Non-floating tensors are not merged: stored once, from the base.
+
+**Similarity**: one streaming pre-pass sums, per block, the T x T Gram matrix of the experts'
+task vectors (``observe`` returns per-tensor Gram matrices keyed by block; the engine adds them up,
+so it also runs as a map-reduce). Cosines follow: ``G_ij / sqrt(G_ii G_jj)``; two all-zero task
+vectors have cosine 1 (merging them loses nothing), a zero and a non-zero one 0.
+
+**Order**: the similarity of two groups is the *minimum* pairwise cosine over their members
+(complete linkage: the paper's Eq. 1, although its text calls it single linkage). Merges never
+interact across blocks and complete linkage is monotone, so the global greedy sequence is the
+per-block agglomerations (disjoint-set union, numpy argmax) merged by decreasing similarity. Ties
+go to the earlier block (storage order of its first tensor), then to the pair whose smallest
+members are smallest. One pass yields the whole sequence; the deployment after ``m`` merges has a
+known set of groups per block.
+
+**Size** is measured, as in the paper, in *model-equivalents of storage*: the bytes of the
+distinct tensors a deployment stores divided by the bytes of one model (the base's tensors in the
+output dtype). Size 1 is one merged model (every block one group); size T keeps every expert.
+A requested size ``s`` (an int, ``"1.5"`` or ``"1.5x"``, within ``[1, T]``; ``sizes: all`` means
+1, 2, ..., T) is a budget of ``s`` models: the deployment applies the *shortest prefix* of the
+merge sequence whose storage is within the budget -- the paper's Algorithm 1, which merges
+``while S > S_target`` -- i.e. the largest deployment that fits. How storage is counted per
+block is a :class:`StorageModel` (default: one tensor per group, Table 1's TA/TIES rows;
+:class:`MaskedStorage` is the CONSENSUS/EMR row, the hook for mask methods).
+
+**Inside a group** any registered single-output method merges the members' task vectors
+(``flexmerge.inner`` with ``inner_params``, through :func:`hubmerge.plugins.get_method`). A group
+of one keeps its expert unchanged (``theta_0 + tau_t`` exactly: the expert's own tensor).
+``task_arithmetic`` is applied as in the paper, ``tau = lambda * mean(tau_k)`` (its footnote 1),
+with the paper's default ``lambda = 1.5``: its ``scale`` is lambda and is divided by the group's
+size (see :data:`MEAN_SCALED`). A method with pre-passes (``ties`` with ``scope: global``...)
+gets **per-group statistics**: one instance per (block, group) observes that block's tensors
+restricted to the group's members, so its "global" statistics are block-level, as the paper
+applies every method block-wise. This costs ``inner prepasses`` more passes over the inputs.
+
+**Output** (:func:`run_flexmerge`): ``<output.path>/`` holds ``flexmerge.json`` (tasks, blocks,
+cosines, the merge order with storage after each merge, the deployments),
+``hubmerge_recipe.yaml``, and one deployment per requested size in ``size-<s>/`` (``size-1``,
+``size-1.5``, ``size-8``): see :mod:`hubmerge.deployment`. Each ``size-*`` directory is
+self-contained (its recipe asks for that size only and rebuilds it exactly), ready to be pushed
+as its own repo or branch. The whole output directory appears at once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from .engine import (
+    MergeInputs,
+    MergeResult,
+    Progress,
+    ProgressCallback,
+    build_group,
+    copy_model_files,
+    open_inputs,
+    output_specs,
+    prefetched,
+    resolve_device,
+    run_prepasses,
+)
+from .errors import HubmergeError, MethodInputError, MethodParamError, RecipeError, UnknownMethodError
+from .method import MergeMethod, TensorGroup
+from .recipe import BlockRule, FlexMergeSpec, Recipe, check_recipe, raise_validation_error
+from .writer import OWNER_MARKER, TensorSpec, check_output_path
+
+logger = logging.getLogger(__name__)
+
+#: Inner methods whose parameter multiplies a *sum* of task vectors: FlexMerge applies them as
+#: ``lambda * mean`` (the paper's footnote 1) by dividing the parameter by the group's size, and
+#: uses the paper's ``lambda`` when the recipe does not set it. ``{method: (param, default)}``.
+#: A plugin may declare the same with a class attribute ``flexmerge_mean_scaled = (param, default)``.
+MEAN_SCALED: dict[str, tuple[str, float]] = {"task_arithmetic": ("scale", 1.5)}
+
+ROOT_SUMMARY = "flexmerge.json"
+SIZE_DIR_PREFIX = "size-"
+
+
+# -- blocks ----------------------------------------------------------------------------------------------
+_LAYER = re.compile(
+    r"^(?P<layer>(?:.*?\.)?(?:layer|layers|h|block|blocks|resblocks)\.\d+)\.(?P<rest>.+)$"
+)
+_NORM = re.compile(r"norm|^ln(_?\d+)?$|^ln_", re.IGNORECASE)
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_MLP_MODULE = re.compile(r"^(mlp|ffn|feed_?forward|DenseReluDense|block_sparse_moe|moe)$", re.IGNORECASE)
+_MLP_PART = re.compile(
+    r"^(intermediate|output|fc\d*|c_fc|c_proj|wi(_\d+)?|wo|dense_h_to_4h|dense_4h_to_h|"
+    r"gate_proj|up_proj|down_proj|gate_up_proj|experts|w\d)$",
+    re.IGNORECASE,
+)
+
+
+def auto_block_of(name: str) -> str:
+    """The default block of a tensor, from its module path.
+
+    Inside a transformer layer (``...layer.N.``, ``layers.N``, ``h.N``, ``block.N``,
+    ``resblocks.N``): each norm module is a block (``encoder.layer.0.attention.output.LayerNorm``,
+    ``transformer.h.0.ln_1``), then the attention module (``encoder.layer.0.attention``,
+    ``model.layers.0.self_attn``), then the MLP (its module, ``model.layers.0.mlp``, or
+    ``<layer>.mlp`` when it is spread over several modules as BERT's ``intermediate`` and
+    ``output``); any other sub-module of the layer is a block of its own. Outside the layers, the
+    block is the tensor's module (``pooler.dense``, ``embeddings.word_embeddings``, ``lm_head``).
+
+    Args:
+        name: A tensor name of the checkpoint.
+
+    Returns:
+        The block's name.
+    """
+    match = _LAYER.match(name)
+    if not match:
+        return name.rsplit(".", 1)[0] if "." in name else name
+    layer, rest = match.group("layer"), match.group("rest")
+    parts = rest.split(".")
+    modules = parts[:-1]
+    if not modules:  # a parameter held directly by the layer (layer scale...)
+        return f"{layer}.{parts[0]}"
+    for pattern in (_NORM, _ATTENTION, _MLP_MODULE):
+        for i, part in enumerate(modules):
+            if pattern.search(part):
+                return ".".join([layer, *modules[: i + 1]])
+    if any(_MLP_PART.match(part) for part in modules):
+        return f"{layer}.mlp"
+    return f"{layer}.{modules[0]}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of tensors merged together.
+
+    Attributes:
+        name: Block name.
+        tensors: Its tensor names, in storage order.
+        numel: Number of entries.
+        nbytes: Bytes of one copy in the output dtype.
+    """
+
+    name: str
+    tensors: tuple[str, ...]
+    numel: int
+    nbytes: int
+
+
+def compile_block_rules(blocks: str | list[BlockRule], *, file: str | None = None) -> list[tuple[str, re.Pattern]] | None:
+    """Compile ``flexmerge.blocks`` rules (``None`` for ``auto``).
+
+    Args:
+        blocks: ``"auto"`` or the recipe's rules.
+        file: Recipe file name for errors.
+
+    Returns:
+        ``(name, compiled pattern)`` pairs, or ``None``.
+
+    Raises:
+        RecipeError: Naming ``flexmerge.blocks[i].pattern`` for an invalid regex.
+    """
+    if blocks == "auto":
+        return None
+    compiled = []
+    for i, rule in enumerate(blocks):
+        try:
+            compiled.append((rule.name, re.compile(rule.pattern)))
+        except re.error as exc:
+            raise RecipeError(f"invalid regular expression {rule.pattern!r}: {exc}",
+                              field=f"flexmerge.blocks[{i}].pattern", file=file) from None
+        if not rule.name:
+            raise RecipeError("a block needs a name", field=f"flexmerge.blocks[{i}].name", file=file)
+    return compiled
+
+
+def block_of_rules(name: str, rules: list[tuple[str, re.Pattern]]) -> str:
+    """The block of ``name`` under regex rules: the first match (with its groups), else ``name``."""
+    for block, pattern in rules:
+        match = pattern.search(name)
+        if match:
+            groups = [g for g in match.groups() if g is not None]
+            return ".".join([block, *groups])
+    return name
+
+
+def assign_blocks(specs: Iterable[TensorSpec], rules: list[tuple[str, re.Pattern]] | None = None) -> list[Block]:
+    """Split floating tensors into blocks, in storage order of each block's first tensor.
+
+    Args:
+        specs: The floating tensors (name, shape, output dtype), in storage order.
+        rules: Compiled ``flexmerge.blocks`` rules, or ``None`` for :func:`auto_block_of`.
+
+    Returns:
+        The blocks.
+    """
+    members: dict[str, list[TensorSpec]] = {}
+    for spec in specs:
+        block = auto_block_of(spec.name) if rules is None else block_of_rules(spec.name, rules)
+        members.setdefault(block, []).append(spec)
+    return [Block(name, tuple(s.name for s in group), sum(math.prod(s.shape) for s in group),
+                  sum(s.nbytes for s in group)) for name, group in members.items()]
+
+
+# -- similarity ------------------------------------------------------------------------------------------
+#: Columns per product when the Gram matrix of a large tensor is computed as a batch on CPU.
+GRAM_CHUNK = 16384
+
+
+def tensor_gram(deltas: torch.Tensor) -> torch.Tensor:
+    """The T x T Gram matrix ``<tau_i, tau_j>`` of one tensor's task vectors, in float64.
+
+    Products are taken in the compute dtype (at least float32) and summed in float64. On CPU a
+    large tensor is cut into ``GRAM_CHUNK``-column slices multiplied as one batch: BLAS handles a
+    batch of ``(T x L)(L x T)`` products 2-3 times faster than one GEMM whose inner dimension is
+    millions long.
+
+    Args:
+        deltas: Shape ``(T, *shape)``.
+
+    Returns:
+        Shape ``(T, T)``, float64, on the deltas' device.
+    """
+    count = deltas.shape[0]
+    flat = deltas.reshape(count, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    n = flat.shape[1]
+    if flat.device.type != "cpu" or n < 4 * GRAM_CHUNK:
+        return torch.mm(flat, flat.t()).double()
+    chunks = n // GRAM_CHUNK
+    main = flat[:, : chunks * GRAM_CHUNK].reshape(count, chunks, GRAM_CHUNK).transpose(0, 1)
+    gram = torch.bmm(main, main.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if chunks * GRAM_CHUNK < n:
+        rest = flat[:, chunks * GRAM_CHUNK:]
+        gram += torch.mm(rest, rest.t()).double()
+    return gram
+
+
+class BlockGram:
+    """The similarity pre-pass, in the engine's pre-pass protocol (``observe`` / ``finish_pass``).
+
+    :meth:`observe` returns ``{"gram:<block>": (T, T) float64}`` for one tensor; the engine (or
+    any map-reduce) sums them, and :meth:`finish_pass` keeps the per-block totals.
+
+    Args:
+        block_of: Tensor name to block name, for every floating tensor.
+    """
+
+    prepasses = 1
+
+    def __init__(self, block_of: dict[str, str]):
+        self.block_of = block_of
+        self.grams: dict[str, torch.Tensor] = {}
+
+    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
+        """This tensor's Gram matrix under its block's key."""
+        return {f"gram:{self.block_of[group.name]}": tensor_gram(group.deltas)}
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Keep the summed Gram matrices by block."""
+        self.grams = {key[len("gram:"):]: value.cpu() for key, value in totals.items()}
+
+
+def cosines(gram: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Cosine similarities from a Gram matrix (zero vectors: 1 with each other, 0 with others).
+
+    Args:
+        gram: ``(T, T)`` dot products.
+
+    Returns:
+        ``(T, T)`` float64 cosines in ``[-1, 1]``.
+    """
+    g = np.asarray(gram.cpu().numpy() if isinstance(gram, torch.Tensor) else gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    zero = norms == 0
+    denom = np.outer(norms, norms)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+    cos[np.ix_(zero, zero)] = 1.0
+    np.fill_diagonal(cos, 1.0)
+    return np.clip(np.nan_to_num(cos, nan=0.0), -1.0, 1.0)
+
+
+# -- ordering --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeStep:
+    """One merge of the sequence: in ``block``, groups ``left`` and ``right`` (task indices) join.
+
+    Attributes:
+        block: Block name.
+        left: The group holding the smaller task index.
+        right: The other group.
+        similarity: Complete-linkage similarity of the pair (min pairwise cosine).
+    """
+
+    block: str
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+    similarity: float
+
+    @property
+    def merged(self) -> tuple[int, ...]:
+        """The new group's members, sorted."""
+        return tuple(sorted(self.left + self.right))
+
+
+def block_linkage(cos: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...], float]]:
+    """Complete-linkage agglomeration of one block (highest similarity first).
+
+    A pair's similarity is the minimum cosine over its members; ties go to the pair whose
+    groups' smallest members are smallest.
+
+    Args:
+        cos: ``(T, T)`` cosines.
+
+    Returns:
+        ``T - 1`` merges ``(left, right, similarity)``, similarities non-increasing.
+    """
+    count = cos.shape[0]
+    sim = np.array(cos, dtype=np.float64, copy=True)
+    np.fill_diagonal(sim, -np.inf)
+    members = {i: (i,) for i in range(count)}
+    active = list(range(count))  # group representatives (smallest member), ascending
+    steps = []
+    for _ in range(count - 1):
+        sub = sim[np.ix_(active, active)]
+        flat = int(np.argmax(sub))  # first maximum in row-major order: smallest (i, j), i < j
+        i, j = divmod(flat, len(active))
+        a, b = active[i], active[j]
+        steps.append((members[a], members[b], float(sub[i, j])))
+        row = np.minimum(sim[a], sim[b])
+        sim[a, :] = row
+        sim[:, a] = row
+        sim[a, a] = -np.inf
+        sim[b, :] = -np.inf
+        sim[:, b] = -np.inf
+        members[a] = tuple(sorted(members[a] + members[b]))
+        del members[b]
+        active.remove(b)
+    return steps
+
+
+def merge_order(block_cosines: dict[str, np.ndarray], blocks: list[str]) -> list[MergeStep]:
+    """The global FlexMerge sequence: all blocks' merges by decreasing similarity.
+
+    Equal to the paper's greedy loop (at each step, merge the most similar pair of groups over
+    all blocks): a block's merges do not change another block's similarities and complete
+    linkage never increases within a block, so the per-block sequences are merged like sorted
+    lists. Ties across blocks go to the earlier block.
+
+    Args:
+        block_cosines: Block name to ``(T, T)`` cosines.
+        blocks: Block names in order (the tie-break).
+
+    Returns:
+        ``B * (T - 1)`` merge steps.
+    """
+    entries = []
+    for b_index, block in enumerate(blocks):
+        for s_index, (left, right, similarity) in enumerate(block_linkage(block_cosines[block])):
+            entries.append((-similarity, b_index, s_index, MergeStep(block, left, right, similarity)))
+    entries.sort(key=lambda e: e[:3])
+    return [e[3] for e in entries]
+
+
+def groups_after(order: list[MergeStep], merges: int, blocks: list[str], tasks: int) -> dict[str, list[tuple[int, ...]]]:
+    """The groups of every block after the first ``merges`` steps (sorted by smallest member).
+
+    Args:
+        order: The merge sequence.
+        merges: How many steps are applied.
+        blocks: Block names.
+        tasks: Number of tasks T.
+
+    Returns:
+        Block name to its groups (tuples of task indices).
+    """
+    parent = {b: list(range(tasks)) for b in blocks}
+
+    def find(p: list[int], x: int) -> int:
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    for step in order[:merges]:
+        p = parent[step.block]
+        ra, rb = find(p, step.left[0]), find(p, step.right[0])
+        p[max(ra, rb)] = min(ra, rb)
+    result = {}
+    for b in blocks:
+        p = parent[b]
+        groups: dict[int, list[int]] = {}
+        for t in range(tasks):
+            groups.setdefault(find(p, t), []).append(t)
+        result[b] = sorted(tuple(g) for g in groups.values())
+    return result
+
+
+# -- storage ---------------------------------------------------------------------------------------------
+class StorageModel:
+    """How many bytes a block's groups cost in a deployment (the paper's Table 1).
+
+    Subclass and override :meth:`block_bytes` for methods that store more than one tensor per
+    group (masks, rescalers, the pre-trained weights).
+    """
+
+    #: Smallest possible size, in model-equivalents, for the docs and error messages.
+    name = "one tensor per group"
+
+    def block_bytes(self, block: Block, group_sizes: list[int]) -> int:
+        """Bytes stored for ``block`` when its tasks form groups of ``group_sizes``.
+
+        Args:
+            block: The block (bytes and entries of one copy).
+            group_sizes: Sizes of its groups (they sum to T).
+
+        Returns:
+            Bytes.
+        """
+        return len(group_sizes) * block.nbytes
+
+
+class MaskedStorage(StorageModel):
+    """Table 1's CONSENSUS / EMR row: ``theta_pre``, ``tau_uni`` and a bit mask per task.
+
+    A group of more than ``min_masked`` tasks stores its unified task vector, one bit per entry
+    and member (and ``scalar_bytes`` per member: EMR's rescaler), plus the block's pre-trained
+    weights once; smaller groups keep their experts' weights (the reference implementation's
+    rule: masking pays off only beyond two tasks).
+
+    Args:
+        scalar_bytes: Bytes of the per-task scalar (4 for EMR, 0 for TALL / CONSENSUS masks).
+        min_masked: Largest group kept as plain experts.
+    """
+
+    name = "masked (pre-trained + unified + per-task bit masks)"
+
+    def __init__(self, scalar_bytes: int = 0, min_masked: int = 2):
+        self.scalar_bytes = scalar_bytes
+        self.min_masked = min_masked
+
+    def block_bytes(self, block: Block, group_sizes: list[int]) -> int:
+        """Plain groups: one copy per member; masked groups: unified + masks; pre-trained once."""
+        mask = -(-block.numel // 8)
+        total = 0
+        masked = False
+        for size in group_sizes:
+            if size <= self.min_masked:
+                total += size * block.nbytes
+            else:
+                masked = True
+                total += block.nbytes + size * (mask + self.scalar_bytes)
+        return total + (block.nbytes if masked else 0)
+
+
+def storage_curve(order: list[MergeStep], blocks: list[Block], tasks: int, fixed_bytes: int,
+                  model: StorageModel | None = None) -> list[int]:
+    """Storage in bytes after each prefix of the merge sequence.
+
+    Args:
+        order: The merge sequence.
+        blocks: The blocks.
+        tasks: T.
+        fixed_bytes: Bytes stored once whatever the size (non-floating tensors).
+        model: Storage model (default: one tensor per group).
+
+    Returns:
+        ``len(order) + 1`` values: before any merge, after one, ...
+    """
+    model = model or StorageModel()
+    by_name = {b.name: b for b in blocks}
+    sizes = {b.name: [1] * tasks for b in blocks}
+    cost = {b.name: model.block_bytes(b, sizes[b.name]) for b in blocks}
+    total = fixed_bytes + sum(cost.values())
+    curve = [total]
+    for step in order:
+        group_sizes = sizes[step.block]
+        group_sizes.remove(len(step.left))
+        group_sizes.remove(len(step.right))
+        group_sizes.append(len(step.left) + len(step.right))
+        new = model.block_bytes(by_name[step.block], group_sizes)
+        total += new - cost[step.block]
+        cost[step.block] = new
+        curve.append(total)
+    return curve
+
+
+# -- sizes -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestedSize:
+    """A requested deployment size, in model-equivalents."""
+
+    value: Fraction
+    label: str
+    raw: int | str
+
+    @property
+    def directory(self) -> str:
+        """The deployment's directory name (``size-1.5``)."""
+        return SIZE_DIR_PREFIX + self.label
+
+
+def size_label(value: Fraction) -> str:
+    """``2`` for 2, ``1.5`` for 3/2, 6 significant digits for the rest."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    return format(float(value), ".6g")
+
+
+def parse_sizes(sizes: str | list[int | str], tasks: int, *, file: str | None = None) -> list[RequestedSize]:
+    """Parse ``flexmerge.sizes``: ``all`` (1, 2, ..., T) or ints, ``"1.5"``, ``"1.5x"``, ``"3/2"``.
+
+    Args:
+        sizes: The recipe's value.
+        tasks: T, the largest size.
+        file: Recipe file name for errors.
+
+    Returns:
+        The sizes in the recipe's order.
+
+    Raises:
+        RecipeError: Naming ``flexmerge.sizes[i]`` for a malformed, out-of-range or repeated size.
+    """
+    if sizes == "all":
+        return [RequestedSize(Fraction(n), str(n), n) for n in range(1, tasks + 1)]
+    if not sizes:
+        raise RecipeError("give at least one size (or `all`)", field="flexmerge.sizes", file=file)
+    result: list[RequestedSize] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(sizes):
+        where = f"flexmerge.sizes[{i}]"
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = Fraction(raw) if isinstance(raw, int) else Fraction(str(raw).strip().rstrip("xX").strip())
+        except (ValueError, ZeroDivisionError):
+            raise RecipeError(f"not a size: {raw!r} (use a number of model-equivalents such as 2, "
+                              "\"1.5\" or \"1.5x\")", field=where, file=file) from None
+        if not 1 <= value <= tasks:
+            raise RecipeError(f"size {raw!r} is outside [1, {tasks}] (1 = one merged model, {tasks} = every "
+                              "expert kept)", field=where, file=file)
+        label = size_label(value)
+        if label in seen:
+            raise RecipeError(f"size {raw!r} repeats sizes[{seen[label]}]", field=where, file=file)
+        seen[label] = i
+        result.append(RequestedSize(value, label, raw))
+    return result
+
+
+def merges_for_budget(curve: list[int], budget: Fraction, model_bytes: int) -> int | None:
+    """The fewest merges whose storage is within ``budget`` model-equivalents (``None``: never).
+
+    Args:
+        curve: :func:`storage_curve`.
+        budget: Size in model-equivalents.
+        model_bytes: Bytes of one model.
+
+    Returns:
+        The number of merges to apply, or ``None`` if even the full sequence exceeds the budget.
+    """
+    for merges, stored in enumerate(curve):
+        if stored * budget.denominator <= budget.numerator * model_bytes:
+            return merges
+    return None
+
+
+# -- the inner method ------------------------------------------------------------------------------------
+@dataclass
+class InnerMethod:
+    """The method merging each group, with its resolved parameters.
+
+    Attributes:
+        cls: The method class.
+        params: Validated parameters (JSON-able, defaults filled in; for a mean-scaled method the
+            parameter is the paper's lambda).
+        mean_param: The parameter divided by the group size (``scale`` for task arithmetic), or
+            ``None``.
+    """
+
+    cls: type[MergeMethod]
+    params: dict[str, Any]
+    mean_param: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The method's registered name."""
+        return self.cls.name
+
+    def make(self, group_size: int) -> MergeMethod:
+        """A fresh instance for a group of ``group_size`` tasks."""
+        params = dict(self.params)
+        if self.mean_param is not None:
+            params[self.mean_param] = params[self.mean_param] / group_size
+        return self.cls(params)
+
+
+def resolve_inner(spec: FlexMergeSpec, tasks: int, dtype: torch.dtype, *, file: str | None = None) -> InnerMethod:
+    """Look up and check ``flexmerge.inner`` / ``inner_params`` before any work.
+
+    Args:
+        spec: The recipe's ``flexmerge`` section.
+        tasks: T (groups hold 2 to T tasks).
+        dtype: Compute dtype.
+        file: Recipe file name for errors.
+
+    Returns:
+        The :class:`InnerMethod`.
+
+    Raises:
+        RecipeError: Unknown method, a per-task (deployment) method, bad parameters
+            (``flexmerge.inner_params.<field>``), or a method that cannot merge groups of 2..T.
+    """
+    from .plugins import get_method
+
+    try:
+        cls = get_method(spec.inner)
+    except UnknownMethodError as exc:
+        raise RecipeError(str(exc), field="flexmerge.inner", file=file) from None
+    if cls.output != "model":
+        raise RecipeError(f"method {cls.name!r} produces per-task outputs; FlexMerge merges its groups with a "
+                          "single-output method", field="flexmerge.inner", file=file)
+    mean = getattr(cls, "flexmerge_mean_scaled", None) or MEAN_SCALED.get(cls.name)
+    if mean is not None and mean[0] not in cls.Params.model_fields:
+        raise RecipeError(f"method {cls.name!r} has no parameter {mean[0]!r} to scale by the group size",
+                          field="flexmerge.inner", file=file)
+    params = dict(spec.inner_params)
+    if mean is not None and mean[0] not in params:
+        params[mean[0]] = mean[1]
+    try:
+        validated = cls.Params.model_validate(params)
+    except ValidationError as exc:
+        raise_validation_error(exc, file=file, prefix=("flexmerge", "inner_params"))
+    inner = InnerMethod(cls, validated.model_dump(mode="json"), mean[0] if mean is not None else None)
+    try:
+        for size in range(2, tasks + 1):
+            method = inner.make(size)
+            method.check_experts(size)
+            method.check_dtype(dtype)
+    except MethodParamError as exc:
+        raise RecipeError(str(exc), field=f"flexmerge.inner_params.{exc.field}", file=file) from None
+    except (MethodInputError, ValidationError) as exc:
+        raise RecipeError(f"FlexMerge groups hold 2 to {tasks} experts: {exc}", field="flexmerge.inner",
+                          file=file) from None
+    return inner
+
+
+# -- planning --------------------------------------------------------------------------------------------
+@dataclass
+class DeploymentPlan:
+    """One requested size, resolved.
+
+    Attributes:
+        size: The request.
+        merges: Merges applied (a prefix of the sequence).
+        groups: Block name to its groups.
+        storage_bytes: Bytes the deployment stores.
+        model_bytes: Bytes of one model.
+        path: Where the deployment was written (after the run).
+    """
+
+    size: RequestedSize
+    merges: int
+    groups: dict[str, list[tuple[int, ...]]]
+    storage_bytes: int
+    model_bytes: int
+    path: Path | None = None
+
+    @property
+    def model_equivalents(self) -> float:
+        """Storage in model-equivalents."""
+        return self.storage_bytes / self.model_bytes if self.model_bytes else 0.0
+
+
+def plan_sizes(sizes: list[RequestedSize], order: list[MergeStep], blocks: list[Block], tasks: int,
+               fixed_bytes: int, model_bytes: int, storage: StorageModel | None = None,
+               *, file: str | None = None) -> tuple[list[int], list[DeploymentPlan]]:
+    """Map each requested size to a prefix of the merge sequence.
+
+    Args:
+        sizes: Requested sizes.
+        order: The merge sequence.
+        blocks: The blocks.
+        tasks: T.
+        fixed_bytes: Bytes stored once in every deployment (non-floating tensors).
+        model_bytes: Bytes of one model.
+        storage: Storage model (default: one tensor per group).
+        file: Recipe file name for errors.
+
+    Returns:
+        ``(curve, plans)``: storage after each prefix, and one plan per size.
+
+    Raises:
+        RecipeError: If a size is below the smallest deployment the storage model allows.
+    """
+    curve = storage_curve(order, blocks, tasks, fixed_bytes, storage)
+    names = [b.name for b in blocks]
+    plans = []
+    for i, size in enumerate(sizes):
+        merges = merges_for_budget(curve, size.value, model_bytes)
+        if merges is None:
+            smallest = min(curve) / model_bytes
+            raise RecipeError(f"size {size.raw!r} is below the smallest deployment ({smallest:.3f} models)",
+                              field=f"flexmerge.sizes[{i}]", file=file)
+        plans.append(DeploymentPlan(size, merges, groups_after(order, merges, names, tasks), curve[merges],
+                                    model_bytes))
+    return curve, plans
+
+
+def tensor_key(name: str, members: tuple[int, ...]) -> str:
+    """The stored key of a group's merged tensor: ``<name>@<task indices joined by '.'>``."""
+    return f"{name}@{'.'.join(str(m) for m in members)}"
+
+
+# -- running ---------------------------------------------------------------------------------------------
+@dataclass
+class FlexMergeResult:
+    """What :func:`run_flexmerge` wrote.
+
+    Attributes:
+        output_dir: The output directory (holding ``size-*`` deployments).
+        recipe: The recipe.
+        inner: The method used inside groups.
+        tasks: Task names (the experts' labels), in recipe order.
+        blocks: The blocks.
+        order: The full merge sequence.
+        storage_curve: Bytes stored after each prefix of ``order``.
+        deployments: One plan per requested size, with its path.
+        model_bytes: Bytes of one model (the unit of size).
+        cosines: Block name to its ``(T, T)`` cosines.
+        device: Compute device.
+        seconds: Wall time.
+        bytes_read: Bytes read from the inputs over all passes.
+        timings: Seconds per stage (``similarity``, ``order``, ``prepasses``, ``write``).
+    """
+
+    output_dir: Path
+    recipe: Recipe
+    inner: InnerMethod
+    tasks: list[str]
+    blocks: list[Block]
+    order: list[MergeStep]
+    storage_curve: list[int]
+    deployments: list[DeploymentPlan]
+    model_bytes: int
+    cosines: dict[str, np.ndarray]
+    device: str
+    seconds: float = 0.0
+    bytes_read: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def storage_table(self) -> list[dict[str, Any]]:
+        """Per size: label, merges, bytes and model-equivalents (for printing)."""
+        return [{"size": p.size.label, "merges": p.merges, "bytes": p.storage_bytes,
+                 "model_equivalents": round(p.model_equivalents, 6), "path": str(p.path)} for p in self.deployments]
+
+
+def _stage(progress: ProgressCallback | None, name: str) -> ProgressCallback | None:
+    if progress is None:
+        return None
+    return lambda event: progress(Progress(name, event.tensors_done, event.tensors_total, event.bytes_done,
+                                           event.bytes_total))
+
+
+def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMethod], inputs: MergeInputs,
+                         floating: list[str], block_of: dict[str, str], device: torch.device, dtype: torch.dtype,
+                         progress: ProgressCallback | None) -> int:
+    """Stream the inner method's pre-passes with per-group statistics; return the passes run.
+
+    A group's statistics come from its block's tensors restricted to its members; they are
+    finished (and their sums dropped) as soon as the block's last tensor went by.
+    """
+    passes = max((m.prepasses for m in instances.values()), default=0)
+    by_block: dict[str, list[tuple[tuple[int, ...], MergeMethod]]] = {}
+    for (block, members), method in instances.items():
+        by_block.setdefault(block, []).append((members, method))
+    for pass_index in range(passes):
+        wanted = {b for b, groups in by_block.items() if any(m.prepasses > pass_index for _, m in groups)}
+        names = [n for n in floating if block_of[n] in wanted]
+        last = {block_of[n]: n for n in names}
+        totals: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
+        done_bytes = 0
+        stage = f"inner prepass {pass_index + 1}/{passes}"
+        for count, fetched in enumerate(prefetched(inputs, names), 1):
+            group = build_group(inputs, fetched, device, dtype)
+            block = block_of[fetched.name]
+            for members, method in by_block[block]:
+                if method.prepasses <= pass_index:
+                    continue
+                sub = TensorGroup(group.name, group.base, group.deltas[list(members)],
+                                  [group.experts[i] for i in members])
+                sums = totals.setdefault((block, members), {})
+                for key, value in method.observe(pass_index, sub).items():
+                    sums[key] = sums[key] + value if key in sums else value.clone()
+            if last[block] == fetched.name:
+                for members, method in by_block[block]:
+                    if method.prepasses > pass_index:
+                        method.finish_pass(pass_index, totals.pop((block, members), {}))
+            del group
+            done_bytes += fetched.nbytes
+            if progress:
+                progress(Progress(stage, count, len(names), done_bytes, inputs.bytes_per_pass))
+    return passes
+
+
+def _resolved_recipe(recipe: Recipe, inner: InnerMethod, sizes: Any) -> Recipe:
+    spec = recipe.flexmerge.model_copy(update={"sizes": sizes, "inner_params": dict(inner.params)})
+    return recipe.model_copy(update={"flexmerge": spec})
+
+
+def _model_class(base_dir: Path) -> str | None:
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        architectures = config.get("architectures") or []
+        return architectures[0] if architectures else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: str | None = None,
+                  overwrite: bool = False, token: str | None = None, progress: ProgressCallback | None = None,
+                  file: str | None = None, storage: StorageModel | None = None) -> FlexMergeResult:
+    """Run a recipe with a ``flexmerge`` section: one deployment per requested size.
+
+    Passes over the inputs: one for the similarities, the inner method's pre-passes (if any,
+    with per-group statistics), and one that writes every size at once (a group shared by
+    several sizes is merged once).
+
+    Args:
+        recipe: A schema-valid recipe with ``flexmerge``.
+        output: Output directory (overrides ``output.path``); deployments go to ``size-<s>/``.
+        device: Compute device (overrides ``recipe.device``).
+        overwrite: Replace an existing output directory that hubmerge did not write.
+        token: Hub token for private inputs.
+        progress: Called with :class:`~hubmerge.engine.Progress` per tensor and stage.
+        file: Recipe file name for errors.
+        storage: Storage model (default: one tensor per group).
+
+    Returns:
+        A :class:`FlexMergeResult` with the merge order and per-size storage.
+
+    Raises:
+        RecipeError: Bad recipe (``flexmerge`` fields with their paths, method, output), before
+            any input is read.
+        HubmergeError: Input or output problems; on failure nothing is left at the output path.
+    """
+    from .deployment import DeploymentWriter, StagedDirectory
+    from .lineage import resolved_recipe_yaml
+
+    started = time.perf_counter()
+    if recipe.flexmerge is None:
+        raise RecipeError("the recipe has no `flexmerge` section", field="flexmerge", file=file)
+    spec = recipe.flexmerge
+    top_method = check_recipe(recipe, file=file)
+    if recipe.output.format != "model":
+        raise RecipeError("FlexMerge writes deployments of full tensors; `output.format: adapter` is not supported",
+                          field="output.format", file=file)
+    tasks_count = len(recipe.experts)
+    compute_dtype = getattr(torch, recipe.dtype)
+    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    inner = resolve_inner(spec, tasks_count, compute_dtype, file=file)
+    sizes = parse_sizes(spec.sizes, tasks_count, file=file)
+    rules = compile_block_rules(spec.blocks, file=file)
+    target = Path(output or recipe.output.path or "")
+    if not str(target) or str(target) == ".":
+        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
+    check_output_path(target.absolute(), overwrite=overwrite)
+    compute_device = resolve_device(device or recipe.device)
+    timings: dict[str, float] = {}
+
+    inputs = open_inputs(recipe, token=token)
+    staged = None
+    writers: list[DeploymentWriter] = []
+    try:
+        from .sources import FullExpert
+
+        tasks = [e.label for e in inputs.experts]
+        names = inputs.base_checkpoint.names()
+        meta = inputs.base_checkpoint.meta
+        all_specs = output_specs(inputs.base_checkpoint, out_dtype)
+        spec_of = {s.name: s for s in all_specs}
+        floating = [n for n in names if meta[n].dtype.is_floating_point]
+        blocks = assign_blocks([spec_of[n] for n in floating], rules)
+        block_of = {t: b.name for b in blocks for t in b.tensors}
+        model_bytes = sum(s.nbytes for s in all_specs)
+        fixed_bytes = model_bytes - sum(b.nbytes for b in blocks)
+
+        # 1. similarities (one streaming pass)
+        t0 = time.perf_counter()
+        gram = BlockGram(block_of)
+        run_prepasses(gram, inputs, names, compute_device, compute_dtype, _stage(progress, "similarity"))
+        block_cos = {b.name: cosines(gram.grams[b.name]) for b in blocks}
+        timings["similarity"] = time.perf_counter() - t0
+
+        # 2. order and sizes
+        t0 = time.perf_counter()
+        order = merge_order(block_cos, [b.name for b in blocks])
+        curve, plans = plan_sizes(sizes, order, blocks, tasks_count, fixed_bytes, model_bytes, storage, file=file)
+        timings["order"] = time.perf_counter() - t0
+
+        # 3. one instance per (block, group) that some size uses; per-group pre-passes
+        t0 = time.perf_counter()
+        instances: dict[tuple[str, tuple[int, ...]], MergeMethod] = {}
+        for plan in plans:
+            for block, groups in plan.groups.items():
+                for members in groups:
+                    if len(members) > 1 and (block, members) not in instances:
+                        instances[(block, members)] = inner.make(len(members))
+        passes = _run_group_prepasses(instances, inputs, floating, block_of, compute_device, compute_dtype, progress)
+        timings["prepasses"] = time.perf_counter() - t0
+
+        # 4. write every size in one pass
+        t0 = time.perf_counter()
+        staged = StagedDirectory(target, overwrite=overwrite)
+        model_class = _model_class(inputs.base.directory)
+        weights = list(all_specs)
+        for plan in plans:
+            stored: list[TensorSpec] = []
+            views: dict[str, dict[str, str]] = {t: {} for t in tasks}
+            for name in names:
+                s = spec_of[name]
+                if name not in block_of:
+                    stored.append(s)
+                    for t in tasks:
+                        views[t][name] = name
+                    continue
+                for members in plan.groups[block_of[name]]:
+                    key = tensor_key(name, members)
+                    stored.append(TensorSpec(key, s.shape, s.dtype))
+                    for m in members:
+                        views[tasks[m]][name] = key
+            writers.append(DeploymentWriter(staged.path / plan.size.directory, tasks=tasks, weights=weights,
+                                            stored=stored, views=views, kind="flexmerge",
+                                            shard_size=recipe.output.shard_size, model_class=model_class))
+        full = [isinstance(e, FullExpert) for e in inputs.experts]
+        done_bytes = 0
+        for count, fetched in enumerate(prefetched(inputs, names), 1):
+            name = fetched.name
+            s = spec_of[name]
+            if name not in block_of:
+                tensor = fetched.base.to(s.dtype)
+                for writer in writers:
+                    writer.write(name, tensor)
+            else:
+                block = block_of[name]
+                needed = sorted({m for plan in plans for m in plan.groups[block]})
+                group = None
+                if any(len(m) > 1 or not full[m[0]] for m in needed):
+                    group = build_group(inputs, fetched, compute_device, compute_dtype)
+                outputs: dict[tuple[int, ...], torch.Tensor] = {}
+                for members in needed:
+                    if len(members) == 1 and full[members[0]]:
+                        merged = fetched.expert_payloads[members[0]]  # the expert's own tensor: exact
+                    elif len(members) == 1:
+                        merged = group.base + group.deltas[members[0]]
+                    else:
+                        sub = TensorGroup(name, group.base.clone(), group.deltas[list(members)],
+                                          [tasks[i] for i in members])
+                        merged = instances[(block, members)].merge_tensor(sub)
+                        if tuple(merged.shape) != s.shape:
+                            raise HubmergeError(f"method {inner.name!r} returned shape {list(merged.shape)} for "
+                                                f"{name!r}, expected {list(s.shape)}")
+                    outputs[members] = merged.to(device="cpu", dtype=s.dtype)
+                for plan, writer in zip(plans, writers):
+                    for members in plan.groups[block]:
+                        writer.write(tensor_key(name, members), outputs[members])
+                del group, outputs
+            done_bytes += fetched.nbytes
+            if progress:
+                progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
+
+        experts = [e.resolved for e in inputs.experts]
+        for plan, writer in zip(plans, writers):
+            copy_model_files(inputs.base.directory, writer)
+            single = _resolved_recipe(recipe, inner, [plan.size.raw])
+            lineage = MergeResult(output_dir=target / plan.size.directory, recipe=single, method=top_method,
+                                  base=inputs.base, experts=experts, device=str(compute_device), seconds=0.0,
+                                  bytes_read=0, bytes_written=0, tensors=len(names),
+                                  extra={"provenance": {"flexmerge_size": plan.size.label}})
+            writer.add_file(OWNER_MARKER, resolved_recipe_yaml(lineage))
+            if writer.storage_bytes != plan.storage_bytes:  # the plan's accounting must be the stored bytes
+                raise HubmergeError(f"{plan.size.directory}: planned {plan.storage_bytes} bytes, "
+                                    f"stored {writer.storage_bytes}")
+            plan.path = target.absolute() / plan.size.directory
+            writer.finish({
+                "size": plan.size.label,
+                "requested_model_equivalents": float(plan.size.value),
+                "merges": plan.merges,
+                "total_merges": len(order),
+                "inner": inner.name,
+                "inner_params": inner.params,
+                "blocks": [{"name": b.name, "tensors": list(b.tensors),
+                            "groups": [[tasks[i] for i in g] for g in plan.groups[b.name]]} for b in blocks],
+            })
+        timings["write"] = time.perf_counter() - t0
+
+        result = FlexMergeResult(
+            output_dir=target.absolute(), recipe=recipe, inner=inner, tasks=tasks, blocks=blocks, order=order,
+            storage_curve=curve, deployments=plans, model_bytes=model_bytes, cosines=block_cos,
+            device=str(compute_device), bytes_read=inputs.bytes_per_pass * (2 + passes), timings=timings,
+        )
+        (staged.path / ROOT_SUMMARY).write_text(json.dumps(_summary(result), indent=1) + "\n", encoding="utf-8")
+        root = MergeResult(output_dir=target, recipe=_resolved_recipe(recipe, inner, spec.sizes), method=top_method,
+                           base=inputs.base, experts=experts, device=str(compute_device), seconds=0.0, bytes_read=0,
+                           bytes_written=0, tensors=len(names))
+        (staged.path / OWNER_MARKER).write_text(resolved_recipe_yaml(root), encoding="utf-8")
+        result.output_dir = staged.commit()
+        result.seconds = time.perf_counter() - started
+        logger.info("flexmerge: %d merges over %d blocks, %d deployments in %.2fs", len(order), len(blocks),
+                    len(plans), result.seconds)
+        return result
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        if staged is not None:
+            staged.abort()
+        raise
+    finally:
+        inputs.close()
+
+
+def _summary(result: FlexMergeResult) -> dict[str, Any]:
+    """The content of ``flexmerge.json``."""
+    tasks = result.tasks
+    return {
+        "tasks": tasks,
+        "inner": result.inner.name,
+        "inner_params": result.inner.params,
+        "model_bytes": result.model_bytes,
+        "size_unit": "model-equivalents: stored bytes / bytes of one model",
+        "blocks": [{"name": b.name, "tensors": list(b.tensors), "numel": b.numel, "bytes": b.nbytes,
+                    "cosines": np.round(result.cosines[b.name], 6).tolist()} for b in result.blocks],
+        "merge_order": [{"step": i + 1, "block": s.block, "left": [tasks[t] for t in s.left],
+                         "right": [tasks[t] for t in s.right], "similarity": s.similarity,
+                         "storage_bytes": result.storage_curve[i + 1],
+                         "model_equivalents": result.storage_curve[i + 1] / result.model_bytes}
+                        for i, s in enumerate(result.order)],
+        "deployments": [{"size": p.size.label, "directory": p.size.directory, "merges": p.merges,
+                         "storage_bytes": p.storage_bytes, "model_equivalents": p.model_equivalents}
+                        for p in result.deployments],
+    }
