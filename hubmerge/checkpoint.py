@@ -200,8 +200,8 @@ class Checkpoint:
         """Total bytes of tensor data."""
         return sum(m.nbytes for m in self.meta.values())
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (a CPU tensor in its stored dtype).
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or a block of its rows, into fresh memory (CPU, stored dtype).
 
         Reads with ``preadv`` straight into the tensor's buffer: no intermediate copy,
         no memory map (whose touched pages would count towards the process's RSS),
@@ -209,29 +209,35 @@ class Checkpoint:
 
         Args:
             name: Tensor name.
+            rows: ``(start, stop)`` along dim 0 to read only those rows (contiguous bytes).
 
         Returns:
-            The tensor.
+            The tensor (or the block of rows).
 
         Raises:
             KeyError: If the checkpoint has no such tensor.
             CheckpointError: If the file cannot be read or is shorter than its header says.
         """
         meta = self.meta[name]
-        buffer = torch.empty(meta.nbytes, dtype=torch.uint8)
-        if meta.nbytes:
+        shape, offset, nbytes = meta.shape, meta.offset, meta.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             view = memoryview(buffer.numpy())
             try:
                 fd = self._fd(meta.file)
                 done = 0
-                while done < meta.nbytes:
-                    n = os.preadv(fd, [view[done:]], meta.offset + done)
+                while done < nbytes:
+                    n = os.preadv(fd, [view[done:]], offset + done)
                     if n <= 0:
                         raise CheckpointError(f"{meta.file}: unexpected end of file reading tensor {name!r}")
                     done += n
             except OSError as exc:
                 raise CheckpointError(f"{meta.file}: cannot read tensor {name!r} ({exc})") from None
-        return buffer.view(meta.dtype).reshape(meta.shape)
+        return buffer.view(meta.dtype).reshape(shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -121,21 +121,76 @@ def open_inputs(recipe: Recipe, *, token: str | None = None) -> MergeInputs:
     return MergeInputs(base, base_checkpoint, experts)
 
 
-@dataclass
-class Fetched:
-    """One tensor's inputs as read from disk (CPU)."""
+#: Target size of one tensor group (base + T task vectors) when an element-wise method
+#: lets the engine stream a large tensor in blocks of rows.
+BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of streaming work: a tensor, or a block of its rows."""
 
     name: str
+    rows: tuple[int, int] | None = None
+    last: bool = True  # the last (or only) block of this tensor
+
+
+def plan_items(inputs: MergeInputs, names: list[str], *, elementwise: bool, dtype: torch.dtype,
+               block_bytes: int = BLOCK_BYTES) -> list[WorkItem]:
+    """Split tensors into work items; large floating tensors become row blocks when allowed.
+
+    Rows are split only when the method is element-wise and every expert can read rows.
+
+    Args:
+        inputs: The opened inputs.
+        names: Tensor names in write order.
+        elementwise: The method accepts blocks of rows.
+        dtype: Compute dtype (sizes the blocks).
+        block_bytes: Target bytes of one group (base + task vectors) per block.
+
+    Returns:
+        The work items in order.
+    """
+    meta = inputs.base_checkpoint.meta
+    can_split = elementwise and all(e.supports_rows for e in inputs.experts)
+    per_element = torch.empty((), dtype=dtype).element_size() * (len(inputs.experts) + 2)
+    items: list[WorkItem] = []
+    for name in names:
+        m = meta[name]
+        rows = m.shape[0] if m.shape else 0
+        size = per_element * (m.nbytes // max(1, torch.empty((), dtype=m.dtype).element_size()))
+        if not (can_split and m.dtype.is_floating_point and rows > 1 and size > block_bytes):
+            items.append(WorkItem(name))
+            continue
+        step = max(1, rows * block_bytes // size)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            items.append(WorkItem(name, (start, stop), last=stop == rows))
+    return items
+
+
+@dataclass
+class Fetched:
+    """One work item's inputs as read from disk (CPU)."""
+
+    item: WorkItem
     base: torch.Tensor
     expert_payloads: list[Any]
     nbytes: int
 
+    @property
+    def name(self) -> str:
+        """The tensor's name."""
+        return self.item.name
 
-def _fetch(inputs: MergeInputs, name: str, with_experts: bool) -> Fetched:
-    base = inputs.base_checkpoint.get(name)
-    payloads = [e.fetch(name) for e in inputs.experts] if with_experts else []
+
+def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool) -> Fetched:
+    base = inputs.base_checkpoint.get(item.name, item.rows)
+    payloads = []
+    if with_experts:
+        payloads = [e.fetch(item.name, item.rows) if item.rows else e.fetch(item.name) for e in inputs.experts]
     nbytes = base.nbytes + sum(_payload_bytes(p) for p in payloads)
-    return Fetched(name, base, payloads, nbytes)
+    return Fetched(item, base, payloads, nbytes)
 
 
 def _payload_bytes(payload: Any) -> int:
@@ -150,29 +205,31 @@ def _payload_bytes(payload: Any) -> int:
     return 0
 
 
-def prefetched(inputs: MergeInputs, names: list[str], *, lookahead: int = 3, threads: int = 2) -> Iterator[Fetched]:
-    """Yield each tensor's inputs, reading up to ``lookahead`` tensors ahead in threads.
+def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookahead: int = 2,
+               threads: int = 2) -> Iterator[Fetched]:
+    """Yield each work item's inputs, reading up to ``lookahead`` items ahead in threads.
 
     Non-floating tensors of the base are yielded without expert payloads.
 
     Args:
         inputs: The opened inputs.
-        names: Tensor names in the order wanted.
-        lookahead: How many tensors may be in flight.
+        items: Work items (or plain tensor names) in the order wanted.
+        lookahead: How many items may be in flight besides the one being merged.
         threads: Reader threads.
 
     Yields:
-        :class:`Fetched` in ``names`` order.
+        :class:`Fetched` in order.
     """
     meta = inputs.base_checkpoint.meta
+    work = [WorkItem(i) if isinstance(i, str) else i for i in items]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool:
         pending: list[Future] = []
-        it = iter(names)
+        it = iter(work)
 
         def submit_next() -> None:
-            name = next(it, None)
-            if name is not None:
-                pending.append(pool.submit(_fetch, inputs, name, meta[name].dtype.is_floating_point))
+            item = next(it, None)
+            if item is not None:
+                pending.append(pool.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point))
 
         for _ in range(lookahead):
             submit_next()
@@ -187,7 +244,7 @@ def prefetched(inputs: MergeInputs, names: list[str], *, lookahead: int = 3, thr
 
 
 def build_group(inputs: MergeInputs, fetched: Fetched, device: torch.device, dtype: torch.dtype) -> TensorGroup:
-    """Move a fetched tensor to the device and build its task vectors.
+    """Move a fetched tensor (or block) to the device and build its task vectors in place.
 
     Args:
         inputs: The opened inputs.
@@ -201,17 +258,9 @@ def build_group(inputs: MergeInputs, fetched: Fetched, device: torch.device, dty
     base = fetched.base.to(device=device, dtype=dtype, non_blocking=True)
     deltas = torch.empty((len(inputs.experts), *base.shape), device=device, dtype=dtype)
     for i, (expert, payload) in enumerate(zip(inputs.experts, fetched.expert_payloads)):
-        delta = expert.task_vector(fetched.name, payload, base) if payload is not None else None
-        if delta is None:
+        if payload is None or not expert.task_vector_into(fetched.name, payload, base, deltas[i]):
             deltas[i].zero_()
-        else:
-            if tuple(delta.shape) != tuple(base.shape):
-                raise IncompatibleModelError(
-                    f"expert {expert.label!r}: task vector of {fetched.name!r} has shape "
-                    f"{list(delta.shape)}, the base has {list(base.shape)}"
-                )
-            deltas[i].copy_(delta)
-    return TensorGroup(fetched.name, base, deltas, [e.label for e in inputs.experts])
+    return TensorGroup(fetched.name, base, deltas, [e.label for e in inputs.experts], rows=fetched.item.rows)
 
 
 def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], device: torch.device,
@@ -227,17 +276,24 @@ def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], de
         progress: Optional progress callback.
     """
     floating = [n for n in names if inputs.base_checkpoint.meta[n].dtype.is_floating_point]
+    items = plan_items(inputs, floating, elementwise=method.elementwise, dtype=dtype)
     for pass_index in range(method.prepasses):
         totals: dict[str, torch.Tensor] = {}
         done_bytes = 0
         stage = f"prepass {pass_index + 1}/{method.prepasses}"
-        for count, fetched in enumerate(prefetched(inputs, floating), 1):
+        done_tensors = 0
+        for fetched in prefetched(inputs, items):
             group = build_group(inputs, fetched, device, dtype)
             for key, value in method.observe(pass_index, group).items():
-                totals[key] = totals[key] + value if key in totals else value.clone()
+                if key in totals:
+                    totals[key] += value
+                else:
+                    totals[key] = value.clone()
+            del group
             done_bytes += fetched.nbytes
+            done_tensors += fetched.item.last
             if progress:
-                progress(Progress(stage, count, len(floating), done_bytes, inputs.bytes_per_pass))
+                progress(Progress(stage, done_tensors, len(floating), done_bytes, inputs.bytes_per_pass))
         method.finish_pass(pass_index, totals)
 
 
@@ -335,25 +391,28 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
                                shard_size=recipe.output.shard_size, overwrite=overwrite)
         run_prepasses(method, inputs, names, compute_device, compute_dtype, progress)
         bytes_read = inputs.bytes_per_pass * method.prepasses
-        done_bytes = 0
-        specs = {s.name: s for _, s in writer._order}
-        for count, fetched in enumerate(prefetched(inputs, writer.names), 1):
+        done_bytes = done_tensors = 0
+        specs = writer.specs
+        items = plan_items(inputs, writer.names, elementwise=method.elementwise, dtype=compute_dtype)
+        for fetched in prefetched(inputs, items):
             spec = specs[fetched.name]
             if not fetched.base.dtype.is_floating_point:
                 merged = fetched.base
             else:
                 group = build_group(inputs, fetched, compute_device, compute_dtype)
                 merged = method.merge_tensor(group)
-                if tuple(merged.shape) != spec.shape:
+                if tuple(merged.shape) != tuple(group.base.shape):
                     raise HubmergeError(
                         f"method {recipe.method!r} returned shape {list(merged.shape)} for {fetched.name!r}, "
-                        f"expected {list(spec.shape)}"
+                        f"expected {list(group.base.shape)}"
                     )
                 del group
-            writer.write(fetched.name, merged.to(device="cpu", dtype=spec.dtype))
+            writer.write(fetched.name, merged.to(device="cpu", dtype=spec.dtype), last=fetched.item.last)
+            del merged
             done_bytes += fetched.nbytes
+            done_tensors += fetched.item.last
             if progress:
-                progress(Progress("merge", count, len(names), done_bytes, inputs.bytes_per_pass))
+                progress(Progress("merge", done_tensors, len(names), done_bytes, inputs.bytes_per_pass))
         bytes_read += inputs.bytes_per_pass
         copy_model_files(inputs.base.directory, writer)
         experts = [e.resolved for e in inputs.experts]

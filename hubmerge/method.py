@@ -43,12 +43,15 @@ class TensorGroup:
         base: The base weight ``theta_0`` in the compute dtype, on the compute device.
         deltas: Task vectors stacked on dim 0, shape ``(T, *base.shape)``.
         experts: The experts' names, in the order of ``deltas``.
+        rows: ``(start, stop)`` when this is a block of rows of a larger tensor (only for
+            ``elementwise`` methods), else ``None``.
     """
 
     name: str
     base: torch.Tensor
     deltas: torch.Tensor
     experts: list[str] = field(default_factory=list)
+    rows: tuple[int, int] | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -82,7 +85,12 @@ class MergeMethod:
         paper: Reference (title, venue, URL) or ``None``.
         Params: The pydantic model of the parameters (types, defaults, bounds, descriptions).
         min_experts / max_experts: How many experts the method accepts.
-        prepasses: How many streaming pre-passes over all tensors it needs.
+        prepasses: How many streaming pre-passes over all tensors it needs (an instance
+            may set its own, e.g. TIES needs none with ``scope: tensor``).
+        elementwise: True when :meth:`observe` and :meth:`merge_tensor` may be given a
+            block of rows (dim 0) of a tensor and return the same rows of the result as
+            for the whole tensor; the engine then streams large tensors in row blocks so
+            memory stays bounded by the block, not the tensor. An instance may override it.
         output: ``"model"`` (one merged model) or ``"deployment"`` (per-task outputs).
     """
 
@@ -92,7 +100,8 @@ class MergeMethod:
     Params: ClassVar[type[Params]] = Params
     min_experts: ClassVar[int] = 1
     max_experts: ClassVar[int | None] = None
-    prepasses: ClassVar[int] = 0
+    prepasses: int = 0
+    elementwise: bool = False
     output: ClassVar[str] = "model"
 
     def __init__(self, params: Params | dict[str, Any] | None = None):

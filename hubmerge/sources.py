@@ -109,11 +109,15 @@ class Expert:
         """
         raise NotImplementedError
 
-    def fetch(self, name: str) -> Any:
+    #: Whether :meth:`fetch` accepts ``rows`` (reads a block of rows of the task vector).
+    supports_rows: bool = False
+
+    def fetch(self, name: str, rows: tuple[int, int] | None = None) -> Any:
         """Read what :meth:`task_vector` needs for tensor ``name`` (CPU, stored dtype).
 
         Args:
             name: A tensor name of the base.
+            rows: A block of rows to read (only when :attr:`supports_rows`).
 
         Returns:
             Opaque payload for :meth:`task_vector`, or ``None`` if the expert leaves
@@ -133,6 +137,32 @@ class Expert:
             A tensor like ``base`` (same device and dtype), or ``None`` for zero.
         """
         raise NotImplementedError
+
+    def task_vector_into(self, name: str, fetched: Any, base: torch.Tensor, out: torch.Tensor) -> bool:
+        """Write the task vector of ``name`` into ``out`` (same shape, device and dtype as ``base``).
+
+        Args:
+            name: Tensor name.
+            fetched: What :meth:`fetch` returned.
+            base: The base weight (or block of rows) in the compute dtype on the compute device.
+            out: Where to write.
+
+        Returns:
+            ``False`` when the expert leaves the tensor unchanged (``out`` is then untouched).
+
+        Raises:
+            IncompatibleModelError: If the task vector's shape does not match the base's.
+        """
+        delta = self.task_vector(name, fetched, base) if fetched is not None else None
+        if delta is None:
+            return False
+        if tuple(delta.shape) != tuple(base.shape):
+            raise IncompatibleModelError(
+                f"expert {self.label!r}: task vector of {name!r} has shape {list(delta.shape)}, "
+                f"the base has {list(base.shape)}"
+            )
+        out.copy_(delta)
+        return True
 
     @property
     def nbytes(self) -> int:
@@ -171,12 +201,18 @@ class FullExpert(Expert):
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
             )
 
-    def fetch(self, name: str) -> torch.Tensor:
-        return self.checkpoint.get(name)
+    supports_rows = True
+
+    def fetch(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.checkpoint.get(name, rows)
 
     def task_vector(self, name: str, fetched: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        delta = fetched.to(device=base.device, dtype=base.dtype, non_blocking=True)
-        return delta.sub_(base) if delta.data_ptr() != fetched.data_ptr() else delta - base
+        return fetched.to(device=base.device, dtype=base.dtype) - base
+
+    def task_vector_into(self, name: str, fetched: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
+        out.copy_(fetched, non_blocking=True)  # converts dtype/device without a temporary
+        out.sub_(base)
+        return True
 
     @property
     def nbytes(self) -> int:

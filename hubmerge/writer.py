@@ -183,6 +183,7 @@ class ShardedWriter:
         self.stem = stem
         self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
         self._next = 0
+        self._partial = 0
         self._handle = None
         self._handle_index = -1
         self.bytes_written = 0
@@ -192,12 +193,19 @@ class ShardedWriter:
         """Tensor names in write order."""
         return [s.name for _, s in self._order]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor (must come in plan order, with the planned shape and dtype).
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        """Tensor name to its planned spec."""
+        return {s.name: s for _, s in self._order}
+
+    def write(self, name: str, tensor: torch.Tensor, *, last: bool = True) -> None:
+        """Append the next tensor, or the next block of its rows (in plan order).
 
         Args:
             name: Tensor name.
-            tensor: CPU tensor with the planned shape and dtype.
+            tensor: CPU tensor with the planned dtype: the whole tensor, or a block of
+                rows when ``last`` is false or earlier blocks were written.
+            last: Whether this completes the tensor.
 
         Raises:
             ValueError: If the tensor is out of order or does not match its spec.
@@ -205,7 +213,10 @@ class ShardedWriter:
         if self._next >= len(self._order):
             raise ValueError(f"unexpected tensor {name!r}: all planned tensors are written")
         shard_index, spec = self._order[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        rows_ok = tuple(tensor.shape) == spec.shape or (
+            tensor.dim() == len(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
+        )
+        if name != spec.name or not rows_ok or tensor.dtype != spec.dtype:
             raise ValueError(
                 f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the plan "
                 f"({spec.name!r} {spec.shape} {spec.dtype})"
@@ -218,7 +229,12 @@ class ShardedWriter:
         data = tensor_bytes(tensor.cpu())
         self._handle.write(data)
         self.bytes_written += data.nbytes
-        self._next += 1
+        self._partial += data.nbytes
+        if self._partial > spec.nbytes or (last and self._partial != spec.nbytes):
+            raise ValueError(f"tensor {name!r}: {self._partial} bytes written, the plan has {spec.nbytes}")
+        if last:
+            self._next += 1
+            self._partial = 0
 
     def _close_handle(self) -> None:
         if self._handle is not None:

@@ -54,6 +54,7 @@ class Linear(MergeMethod):
     paper = "Wortsman et al., Model soups, ICML 2022, https://arxiv.org/abs/2203.05482"
     Params = Params
     min_experts = 1
+    elementwise = True  # every entry is merged on its own
 
     def check_experts(self, count: int) -> None:
         """Refuse a wrong number of experts or a ``weights`` list of another length.

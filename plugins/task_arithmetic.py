@@ -41,6 +41,7 @@ class TaskArithmetic(MergeMethod):
     paper = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, https://arxiv.org/abs/2212.04089"
     Params = Params
     min_experts = 1
+    elementwise = True  # every entry is merged on its own
 
     def check_experts(self, count: int) -> None:
         """Refuse a wrong number of experts or a ``weights`` list of another length."""

@@ -65,6 +65,9 @@ class Ties(MergeMethod):
         self._global = GlobalThreshold(self.params.k, key="ties")
         # Pre-passes only when a model-wide threshold is needed.
         self.prepasses = GlobalThreshold.passes if self._uses_global() else 0
+        # With a model-wide threshold (or no trimming) every entry is merged on its own,
+        # so the engine may stream large tensors in blocks of rows.
+        self.elementwise = self._uses_global() or self.params.k >= 1.0
 
     def _uses_global(self) -> bool:
         return self.params.scope == "global" and self.params.k < 1.0

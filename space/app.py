@@ -33,7 +33,7 @@ TITLE = "hubmerge — merge fine-tuned models"
 JOB_CONCURRENCY_ID = "hubmerge-job"
 CSS = """
 .hm-invalid { outline: 3px solid #dc2626 !important; outline-offset: 2px; border-radius: 8px; }
-#hm-status { min-height: 3em; }
+#hm-status { min-height: 5.5em; }
 #hm-status .prose p { margin: 0.2em 0; }
 #hm-method-info { font-size: 0.95em; }
 #hm-card { max-height: 70vh; overflow-y: auto; }

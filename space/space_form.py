@@ -550,7 +550,8 @@ def parse_mapping(text: str) -> dict[str, Any]:
             value = parse_yaml(candidate)
         except ValueError:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_][\w.-]*", k)
+                                           for k in value):
             return value
     raise ValueError("write key: value pairs separated by commas, e.g. scale: 0.3, k: 0.2")
 
@@ -631,7 +632,7 @@ def build_params(specs: list[WidgetSpec] | tuple[WidgetSpec, ...],
         try:
             present, value = param_value(spec, values[spec.name])
         except ValueError as exc:
-            errors.append(explain(_Reason(f"params.{spec.name}", str(exc).split(": ", 1)[-1]), by_name))
+            errors.append(explain(_Reason(f"params.{spec.name}", getattr(exc, "reason", None) or str(exc)), by_name))
             continue
         if not present:
             continue

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# Point the Hub clients at a loopback Hub before anything imports huggingface_hub.
+from hubmerge.localhub.pytest_plugin import LOCAL_HUB_ENV  # noqa: E402,F401
+
+pytest_plugins = ["hubmerge.localhub.pytest_plugin"]
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -185,3 +185,25 @@ def test_existing_foreign_output_refused_unless_overwrite(tiny_models, tmp_path)
     merge(recipe, overwrite=True)
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
     merge(recipe)  # ours now: replaced without --overwrite
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"scale": 0.7}),
+                                            ("ties", {"k": 0.3, "scope": "global"}),
+                                            ("linear", {"weights": [1.0, 3.0]})])
+def test_row_blocks_give_the_same_result(tiny_models, tmp_path, monkeypatch, method, params):
+    """Element-wise methods stream big tensors in row blocks: identical bytes to whole tensors."""
+    import hubmerge.engine as engine
+
+    outs = {}
+    for label, block in (("whole", 1 << 40), ("blocks", 2048)):
+        monkeypatch.setattr(engine, "BLOCK_BYTES", block)
+        out = tmp_path / f"{label}"
+        recipe = write_recipe(tmp_path / f"{label}.yaml", base=str(tiny_models["base"]),
+                              experts=[str(tiny_models["e0"]), str(tiny_models["e1"])], method=method,
+                              params=params, output={"path": str(out)})
+        merge(load_recipe(recipe))
+        outs[label] = (out / "model.safetensors").read_bytes()
+    items = engine.plan_items(engine.open_inputs(load_recipe(recipe)), ["embeddings.word_embeddings.weight"],
+                              elementwise=True, dtype=torch.float32, block_bytes=2048)
+    assert len(items) > 10 and items[-1].last and not items[0].last
+    assert outs["whole"] == outs["blocks"]
