@@ -219,25 +219,43 @@ class Checkpoint:
             CheckpointError: If the file cannot be read or is shorter than its header says.
         """
         meta = self.meta[name]
-        shape, offset, nbytes = meta.shape, meta.offset, meta.nbytes
+        shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
+        out = torch.empty(shape, dtype=meta.dtype)
+        self.read_into(name, out, rows)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Read a tensor (or a block of its rows) straight into ``out``'s memory.
+
+        Args:
+            name: Tensor name.
+            out: A contiguous CPU tensor with the stored dtype and the right number of elements.
+            rows: ``(start, stop)`` along dim 0, or ``None`` for the whole tensor.
+
+        Raises:
+            ValueError: If ``out`` does not fit.
+            CheckpointError: If the file cannot be read or is shorter than its header says.
+        """
+        meta = self.meta[name]
+        offset, nbytes = meta.offset, meta.nbytes
         if rows is not None:
-            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
-            shape = (rows[1] - rows[0], *shape[1:])
+            row_bytes = nbytes // meta.shape[0] if meta.shape and meta.shape[0] else 0
             offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buffer.numpy())
-            try:
-                fd = self._fd(meta.file)
-                done = 0
-                while done < nbytes:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                    if n <= 0:
-                        raise CheckpointError(f"{meta.file}: unexpected end of file reading tensor {name!r}")
-                    done += n
-            except OSError as exc:
-                raise CheckpointError(f"{meta.file}: cannot read tensor {name!r} ({exc})") from None
-        return buffer.view(meta.dtype).reshape(shape)
+        if out.dtype != meta.dtype or out.nbytes != nbytes or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} does not fit tensor {name!r}")
+        if not nbytes:
+            return
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        try:
+            fd = self._fd(meta.file)
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{meta.file}: unexpected end of file reading tensor {name!r}")
+                done += n
+        except OSError as exc:
+            raise CheckpointError(f"{meta.file}: cannot read tensor {name!r} ({exc})") from None
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -11,6 +11,7 @@ pre-passes over the same stream, whose per-tensor statistics are summed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,6 +170,33 @@ def plan_items(inputs: MergeInputs, names: list[str], *, elementwise: bool, dtyp
     return items
 
 
+#: Marks an expert whose full weight was read straight into the stacked buffer.
+IN_BUFFER = object()
+
+
+class BufferPool:
+    """Reusable CPU buffers, one per work item in flight.
+
+    Large tensors are not re-allocated (and page-faulted in again) for every tensor:
+    the stacked expert weights of item ``j`` live in slot ``j % slots``. A slot is reused
+    only after its item was merged and written, which holds when ``slots`` exceeds the
+    prefetch look-ahead by two and the consumer finishes an item before asking for the next.
+    """
+
+    def __init__(self, slots: int):
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+
+    def take(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape``/``dtype`` backed by slot ``slot``'s memory."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        index = slot % len(self._buffers)
+        buffer = self._buffers[index]
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._buffers[index] = buffer
+        return buffer[:nbytes].view(dtype).view(shape)
+
+
 @dataclass
 class Fetched:
     """One work item's inputs as read from disk (CPU)."""
@@ -177,6 +205,7 @@ class Fetched:
     base: torch.Tensor
     expert_payloads: list[Any]
     nbytes: int
+    stacked: torch.Tensor | None = None  # experts' weights read in place (IN_BUFFER payloads)
 
     @property
     def name(self) -> str:
@@ -184,17 +213,28 @@ class Fetched:
         return self.item.name
 
 
-def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool) -> Fetched:
+def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: BufferPool | None = None,
+           slot: int = 0, dtype: torch.dtype | None = None) -> Fetched:
     base = inputs.base_checkpoint.get(item.name, item.rows)
-    payloads = []
+    payloads: list[Any] = []
+    stacked = None
+    nbytes = base.nbytes
     if with_experts:
-        payloads = [e.fetch(item.name, item.rows) if item.rows else e.fetch(item.name) for e in inputs.experts]
-    nbytes = base.nbytes + sum(_payload_bytes(p) for p in payloads)
-    return Fetched(item, base, payloads, nbytes)
+        if pool is not None and dtype is not None:
+            stacked = pool.take(slot, (len(inputs.experts), *base.shape), dtype)
+        for i, expert in enumerate(inputs.experts):
+            if stacked is not None and expert.read_weight_into(item.name, stacked[i], item.rows):
+                payloads.append(IN_BUFFER)
+                nbytes += stacked[i].nbytes
+            else:
+                payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
+                payloads.append(payload)
+                nbytes += _payload_bytes(payload)
+    return Fetched(item, base, payloads, nbytes, stacked)
 
 
 def _payload_bytes(payload: Any) -> int:
-    if payload is None:
+    if payload is None or payload is IN_BUFFER:
         return 0
     if isinstance(payload, torch.Tensor):
         return payload.nbytes
@@ -206,7 +246,7 @@ def _payload_bytes(payload: Any) -> int:
 
 
 def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookahead: int = 2,
-               threads: int = 2) -> Iterator[Fetched]:
+               threads: int = 2, pooled_dtype: torch.dtype | None = None) -> Iterator[Fetched]:
     """Yield each work item's inputs, reading up to ``lookahead`` items ahead in threads.
 
     Non-floating tensors of the base are yielded without expert payloads.
@@ -216,20 +256,25 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
         items: Work items (or plain tensor names) in the order wanted.
         lookahead: How many items may be in flight besides the one being merged.
         threads: Reader threads.
+        pooled_dtype: When given (the compute dtype), experts whose stored dtype matches are
+            read straight into reusable stacked buffers. The consumer must be done with an
+            item (including its :class:`TensorGroup`) before asking for the next one.
 
     Yields:
         :class:`Fetched` in order.
     """
     meta = inputs.base_checkpoint.meta
     work = [WorkItem(i) if isinstance(i, str) else i for i in items]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool:
+    pool = BufferPool(lookahead + 2) if pooled_dtype is not None else None
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool_threads:
         pending: list[Future] = []
-        it = iter(work)
+        it = enumerate(work)
 
         def submit_next() -> None:
-            item = next(it, None)
+            index, item = next(it, (None, None))
             if item is not None:
-                pending.append(pool.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point))
+                pending.append(pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
+                                                   pool, index, pooled_dtype))
 
         for _ in range(lookahead):
             submit_next()
@@ -256,10 +301,19 @@ def build_group(inputs: MergeInputs, fetched: Fetched, device: torch.device, dty
         The :class:`TensorGroup` (deltas stacked on dim 0; zeros where an expert leaves the tensor).
     """
     base = fetched.base.to(device=device, dtype=dtype, non_blocking=True)
-    deltas = torch.empty((len(inputs.experts), *base.shape), device=device, dtype=dtype)
-    for i, (expert, payload) in enumerate(zip(inputs.experts, fetched.expert_payloads)):
-        if payload is None or not expert.task_vector_into(fetched.name, payload, base, deltas[i]):
-            deltas[i].zero_()
+    if fetched.stacked is not None and fetched.stacked.dtype == dtype:
+        deltas = fetched.stacked.to(device=device, non_blocking=True)
+    else:
+        deltas = torch.empty((len(inputs.experts), *base.shape), device=device, dtype=dtype)
+    in_buffer = [p is IN_BUFFER for p in fetched.expert_payloads]
+    if all(in_buffer):
+        deltas.sub_(base)  # one broadcast pass: weights -> task vectors
+    else:
+        for i, (expert, payload) in enumerate(zip(inputs.experts, fetched.expert_payloads)):
+            if in_buffer[i]:
+                deltas[i].sub_(base)
+            elif payload is None or not expert.task_vector_into(fetched.name, payload, base, deltas[i]):
+                deltas[i].zero_()
     return TensorGroup(fetched.name, base, deltas, [e.label for e in inputs.experts], rows=fetched.item.rows)
 
 
@@ -276,13 +330,13 @@ def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], de
         progress: Optional progress callback.
     """
     floating = [n for n in names if inputs.base_checkpoint.meta[n].dtype.is_floating_point]
-    items = plan_items(inputs, floating, elementwise=method.elementwise, dtype=dtype)
+    items = plan_items(inputs, floating, elementwise=getattr(method, "elementwise", False), dtype=dtype)
     for pass_index in range(method.prepasses):
         totals: dict[str, torch.Tensor] = {}
         done_bytes = 0
         stage = f"prepass {pass_index + 1}/{method.prepasses}"
         done_tensors = 0
-        for fetched in prefetched(inputs, items):
+        for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None):
             group = build_group(inputs, fetched, device, dtype)
             for key, value in method.observe(pass_index, group).items():
                 if key in totals:
@@ -394,7 +448,8 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
         done_bytes = done_tensors = 0
         specs = writer.specs
         items = plan_items(inputs, writer.names, elementwise=method.elementwise, dtype=compute_dtype)
-        for fetched in prefetched(inputs, items):
+        pooled = compute_dtype if compute_device.type == "cpu" else None
+        for fetched in prefetched(inputs, items, pooled_dtype=pooled):
             spec = specs[fetched.name]
             if not fetched.base.dtype.is_floating_point:
                 merged = fetched.base

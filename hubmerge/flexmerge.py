@@ -81,6 +81,7 @@ from .engine import (
     copy_model_files,
     open_inputs,
     output_specs,
+    plan_items,
     prefetched,
     resolve_device,
     run_prepasses,
@@ -260,14 +261,17 @@ def tensor_gram(deltas: torch.Tensor) -> torch.Tensor:
 class BlockGram:
     """The similarity pre-pass, in the engine's pre-pass protocol (``observe`` / ``finish_pass``).
 
-    :meth:`observe` returns ``{"gram:<block>": (T, T) float64}`` for one tensor; the engine (or
-    any map-reduce) sums them, and :meth:`finish_pass` keeps the per-block totals.
+    :meth:`observe` returns ``{"gram:<block>": (T, T) float64}`` for one tensor (or block of its
+    rows: the statistic is a sum over entries, so the engine may stream large tensors in row
+    blocks); the engine (or any map-reduce) sums them, and :meth:`finish_pass` keeps the
+    per-block totals.
 
     Args:
         block_of: Tensor name to block name, for every floating tensor.
     """
 
     prepasses = 1
+    elementwise = True
 
     def __init__(self, block_of: dict[str, str]):
         self.block_of = block_of
@@ -795,33 +799,46 @@ def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMetho
     by_block: dict[str, list[tuple[tuple[int, ...], MergeMethod]]] = {}
     for (block, members), method in instances.items():
         by_block.setdefault(block, []).append((members, method))
+    elementwise = all(m.elementwise for m in instances.values())
     for pass_index in range(passes):
         wanted = {b for b, groups in by_block.items() if any(m.prepasses > pass_index for _, m in groups)}
         names = [n for n in floating if block_of[n] in wanted]
         last = {block_of[n]: n for n in names}
         totals: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
-        done_bytes = 0
+        done_bytes = done_tensors = 0
         stage = f"inner prepass {pass_index + 1}/{passes}"
-        for count, fetched in enumerate(prefetched(inputs, names), 1):
+        items = plan_items(inputs, names, elementwise=elementwise, dtype=dtype)
+        for fetched in prefetched(inputs, items):
             group = build_group(inputs, fetched, device, dtype)
             block = block_of[fetched.name]
             for members, method in by_block[block]:
                 if method.prepasses <= pass_index:
                     continue
                 sub = TensorGroup(group.name, group.base, group.deltas[list(members)],
-                                  [group.experts[i] for i in members])
+                                  [group.experts[i] for i in members], rows=group.rows)
                 sums = totals.setdefault((block, members), {})
                 for key, value in method.observe(pass_index, sub).items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
-            if last[block] == fetched.name:
+            if fetched.item.last and last[block] == fetched.name:
                 for members, method in by_block[block]:
                     if method.prepasses > pass_index:
                         method.finish_pass(pass_index, totals.pop((block, members), {}))
             del group
             done_bytes += fetched.nbytes
+            done_tensors += fetched.item.last
             if progress:
-                progress(Progress(stage, count, len(names), done_bytes, inputs.bytes_per_pass))
+                progress(Progress(stage, done_tensors, len(names), done_bytes, inputs.bytes_per_pass))
     return passes
+
+
+def _member_deltas(inputs: MergeInputs, fetched: Any, base: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+    """The task vectors of ``members`` only (like :func:`~hubmerge.engine.build_group` for a subset)."""
+    deltas = torch.empty((len(members), *base.shape), device=base.device, dtype=base.dtype)
+    for row, i in enumerate(members):
+        payload = fetched.expert_payloads[i]
+        if payload is None or not inputs.experts[i].task_vector_into(fetched.name, payload, base, deltas[row]):
+            deltas[row].zero_()
+    return deltas
 
 
 def _resolved_recipe(recipe: Recipe, inner: InnerMethod, sizes: Any) -> Recipe:
@@ -965,27 +982,29 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             else:
                 block = block_of[name]
                 needed = sorted({m for plan in plans for m in plan.groups[block]})
-                group = None
-                if any(len(m) > 1 or not full[m[0]] for m in needed):
-                    group = build_group(inputs, fetched, compute_device, compute_dtype)
+                users = [m for m in needed if len(m) > 1 or not full[m[0]]]
+                base = fetched.base.to(device=compute_device, dtype=compute_dtype) if users else None
                 outputs: dict[tuple[int, ...], torch.Tensor] = {}
                 for members in needed:
-                    if len(members) == 1 and full[members[0]]:
+                    if members not in users:
                         merged = fetched.expert_payloads[members[0]]  # the expert's own tensor: exact
-                    elif len(members) == 1:
-                        merged = group.base + group.deltas[members[0]]
                     else:
-                        sub = TensorGroup(name, group.base.clone(), group.deltas[list(members)],
-                                          [tasks[i] for i in members])
-                        merged = instances[(block, members)].merge_tensor(sub)
-                        if tuple(merged.shape) != s.shape:
-                            raise HubmergeError(f"method {inner.name!r} returned shape {list(merged.shape)} for "
-                                                f"{name!r}, expected {list(s.shape)}")
+                        deltas = _member_deltas(inputs, fetched, base, members)
+                        if len(members) == 1:
+                            merged = base + deltas[0]
+                        else:  # a method may work in place: only the last user gets the shared base
+                            own = base if members == users[-1] else base.clone()
+                            sub = TensorGroup(name, own, deltas, [tasks[i] for i in members])
+                            merged = instances[(block, members)].merge_tensor(sub)
+                            if tuple(merged.shape) != s.shape:
+                                raise HubmergeError(f"method {inner.name!r} returned shape "
+                                                    f"{list(merged.shape)} for {name!r}, expected {list(s.shape)}")
+                        del deltas
                     outputs[members] = merged.to(device="cpu", dtype=s.dtype)
                 for plan, writer in zip(plans, writers):
                     for members in plan.groups[block]:
                         writer.write(tensor_key(name, members), outputs[members])
-                del group, outputs
+                del base, outputs
             done_bytes += fetched.nbytes
             if progress:
                 progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))

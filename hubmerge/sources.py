@@ -138,6 +138,22 @@ class Expert:
         """
         raise NotImplementedError
 
+    def read_weight_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+        """Read the expert's full weight for ``name`` straight into ``out`` if it can.
+
+        The engine's fast path: the weights of all experts land in one stacked buffer,
+        from which the base is then subtracted in place (no intermediate copies).
+
+        Args:
+            name: Tensor name.
+            out: Contiguous CPU buffer in the compute dtype.
+            rows: A block of rows, or ``None``.
+
+        Returns:
+            ``False`` if this expert cannot (adapters, another stored dtype).
+        """
+        return False
+
     def task_vector_into(self, name: str, fetched: Any, base: torch.Tensor, out: torch.Tensor) -> bool:
         """Write the task vector of ``name`` into ``out`` (same shape, device and dtype as ``base``).
 
@@ -212,6 +228,12 @@ class FullExpert(Expert):
     def task_vector_into(self, name: str, fetched: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
         out.copy_(fetched, non_blocking=True)  # converts dtype/device without a temporary
         out.sub_(base)
+        return True
+
+    def read_weight_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+        if self.checkpoint.meta[name].dtype != out.dtype:
+            return False
+        self.checkpoint.read_into(name, out, rows)
         return True
 
     @property

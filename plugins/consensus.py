@@ -28,7 +28,8 @@ Choices:
   the same group with a zero base and ``scale = 1``, so ``merge_tensor`` returns
   ``τ_MTL`` itself. This relies on the inner method depending on the task vectors only,
   which holds for task arithmetic and TIES. Its pre-passes (TIES ``scope: global``) are
-  forwarded: this method has as many pre-passes as the inner one;
+  forwarded: this method has as many pre-passes as the inner one, and is element-wise
+  (row blocks allowed) exactly when the inner one is;
 * the λ of the paper is chosen per task on validation data; this data-free method uses
   one ``tall_lambda`` for all tasks (default 0.4, the middle of the paper's grid
   0.2–0.6).
@@ -40,6 +41,7 @@ reuse them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -47,8 +49,6 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from hubmerge.hookspecs import hookimpl
 from hubmerge.method import MergeMethod, Params, TensorGroup
-
-INNER_METHODS = ("task_arithmetic", "ties")
 
 
 def _inner_class(name: str) -> type[MergeMethod]:
@@ -144,7 +144,7 @@ def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _zero_base(group: TensorGroup) -> TensorGroup:
-    return TensorGroup(group.name, torch.zeros_like(group.base), group.deltas, group.experts)
+    return dataclasses.replace(group, base=torch.zeros_like(group.base))
 
 
 class Consensus(MergeMethod):
@@ -173,6 +173,8 @@ class Consensus(MergeMethod):
         self.inner_scale = float(inner_params.scale)
         self.inner = inner_cls(inner_params.model_copy(update={"scale": 1.0}))
         self.prepasses = self.inner.prepasses
+        # The masks compare entries one by one: blocks of rows are fine when τ_MTL's are.
+        self.elementwise = self.inner.elementwise
 
     def check_experts(self, count: int) -> None:
         """Refuse what this method or the inner method cannot merge (e.g. ``weights`` of another length).

@@ -32,13 +32,13 @@ import space_jobs as sj  # noqa: E402
 TITLE = "hubmerge — merge fine-tuned models"
 JOB_CONCURRENCY_ID = "hubmerge-job"
 CSS = """
-.hm-invalid { outline: 3px solid #dc2626 !important; outline-offset: 2px; border-radius: 8px; }
+.hm-invalid { box-shadow: inset 0 0 0 2px #dc2626 !important; background: #fef2f2 !important; border-radius: 8px; }
+.hm-invalid .info-text, .hm-invalid [data-testid="block-info"] + div { color: #b91c1c !important; font-weight: 600; }
 #hm-status { min-height: 5.5em; }
 #hm-status .prose p { margin: 0.2em 0; }
 #hm-method-info { font-size: 0.95em; }
-#hm-card { max-height: 70vh; overflow-y: auto; }
 #hm-card table { display: block; overflow-x: auto; font-size: 0.85em; }
-#hm-card td, #hm-card th { white-space: nowrap; }
+#hm-card td, #hm-card th, #hm-card td code { white-space: nowrap; }
 .hm-step { margin-top: 0.6em !important; }
 """
 INTRO = """# hubmerge — merge fine-tuned models into one
@@ -198,6 +198,7 @@ def build_app(*, settings: sj.Settings | None = None, recipes_dir: Path | None =
                   "private": private, "description": description, "flexmerge_sizes": flex_sizes,
                   "dtype": dtype_dd, "output_dtype": out_dtype_dd}
         highlightable = [base, experts, method_dd, output_repo, flex_sizes, dtype_dd, out_dtype_dd]
+        static_info = {key: getattr(comp, "info", None) for key, comp in static.items()}
 
         def form_values(data: dict, widgets: dict) -> sf.FormValues:
             return sf.FormValues(
@@ -209,11 +210,19 @@ def build_app(*, settings: sj.Settings | None = None, recipes_dir: Path | None =
                 dtype=data[dtype_dd] or "float32", output_dtype=data[out_dtype_dd] or "")
 
         def highlight(errors: list[sf.FieldError], widgets: dict) -> dict:
-            targets = {e.target for e in errors if e.target}
-            updates = {comp: gr.update(elem_classes=["hm-invalid"] if key in targets else [])
-                       for key, comp in static.items() if comp in highlightable}
-            for comp, spec in widgets.items():
-                updates[comp] = gr.update(elem_classes=["hm-invalid"] if f"param:{spec.name}" in targets else [])
+            """Mark the fields at fault (red frame, the message in place of their help text); clear the rest."""
+            messages: dict[str, str] = {}
+            for error in errors:
+                if error.target:
+                    messages.setdefault(error.target, error.message)
+            fields = [(key, comp, static_info[key]) for key, comp in static.items() if comp in highlightable]
+            fields += [(f"param:{spec.name}", comp, spec.info) for comp, spec in widgets.items()]
+            updates = {}
+            for key, comp, info in fields:
+                if key in messages:
+                    updates[comp] = gr.update(elem_classes=["hm-invalid"], info=f"✖ {messages[key]}")
+                else:
+                    updates[comp] = gr.update(elem_classes=[], info=info)
             return updates
 
         def recipe_file(text: str, name: str) -> str:

@@ -368,6 +368,7 @@ def run_merge(recipe, *, settings: Settings, token: str | None,
     """
     from hubmerge.engine import merge
 
+    recipe = _with_namespace(recipe, settings.token(token))
     job_id = uuid.uuid4().hex[:12]
     job_dir = settings.workdir / job_id
     target = job_dir / recipe.name
@@ -404,6 +405,23 @@ def run_merge(recipe, *, settings: Settings, token: str | None,
                    f"inside each group, on `{result.device}` in {seconds:.1f} s; {human_bytes(size)} in all.")
     card = (directory / "README.md").read_text(encoding="utf-8")
     return MergeOutcome(job_id, kind, directory, card, size, files, summary)
+
+
+def _with_namespace(recipe, token):
+    """The recipe with a bare output repo name completed by the token owner's namespace (best effort).
+
+    The card written by the merge then already shows the repo id it will be pushed to.
+    """
+    repo = recipe.output.repo
+    if not repo or "/" in repo or not token:
+        return recipe
+    try:
+        from huggingface_hub import HfApi
+
+        owner = HfApi().whoami(token=token)["name"]
+    except Exception:  # noqa: BLE001 - the push resolves (and reports) it again
+        return recipe
+    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"repo": f"{owner}/{repo}"})})
 
 
 def _is_expected(exc: BaseException) -> bool:

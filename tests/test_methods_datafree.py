@@ -193,6 +193,22 @@ def test_consensus_k1_keeps_what_some_mask_selects_and_k_above_t_keeps_nothing()
     torch.testing.assert_close(everything, group.base + deltas.sum(0))
 
 
+@pytest.mark.parametrize("params,elementwise", [
+    ({}, True),
+    ({"inner": "ties", "inner_params": {"scope": "tensor"}}, False),
+    ({"inner": "ties", "inner_params": {"scope": "global"}}, True),
+])
+def test_consensus_is_elementwise_when_the_inner_method_is(params, elementwise):
+    method = Consensus(params)
+    assert method.elementwise is elementwise
+    assert all(not cls.elementwise for cls in (TSV, PCB, WUDI))
+    if elementwise and not method.prepasses:  # a block of rows merges to the same rows
+        group = _group("w", _randn(3, 8, 5, seed=30))
+        whole = method.merge_tensor(group)
+        block = TensorGroup("w", group.base[2:5], group.deltas[:, 2:5], group.experts, rows=(2, 5))
+        torch.testing.assert_close(method.merge_tensor(block), whole[2:5], rtol=0, atol=0)
+
+
 def test_consensus_with_ties_per_tensor():
     deltas = _randn(3, 10, 6, seed=9)
     group = _group("w", deltas)

@@ -277,3 +277,19 @@ def test_flexmerge_sizes_map_to_the_recipe():
     assert recipe_from_dict(built.data).flexmerge.sizes == [1, 2]
     back, _ = sf.form_from_recipe(built.data, METHODS)
     assert back.flexmerge_sizes == "1, 2" and back.params == {"k": 0.5}
+
+
+# -- the CLI command ---------------------------------------------------------------------------------------------
+def test_cli_space_command_finds_the_space_and_guards_the_stored_token():
+    import argparse
+
+    from hubmerge.cli import space_commands
+    from hubmerge.errors import HubmergeError
+
+    assert space_commands.space_dir() == SPACE
+    parser = argparse.ArgumentParser()
+    space_commands.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["space", "--host", "0.0.0.0", "--use-stored-token"])
+    with pytest.raises(HubmergeError, match="loopback"):
+        args.handler(args)
+    assert parser.parse_args(["space"]).host == "127.0.0.1"
