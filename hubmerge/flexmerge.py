@@ -833,10 +833,15 @@ def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMetho
 
 def _member_deltas(inputs: MergeInputs, fetched: Any, base: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
     """The task vectors of ``members`` only (like :func:`~hubmerge.engine.build_group` for a subset)."""
+    from .sources import FullExpert
+
     deltas = torch.empty((len(members), *base.shape), device=base.device, dtype=base.dtype)
     for row, i in enumerate(members):
         payload = fetched.expert_payloads[i]
-        if payload is None or not inputs.experts[i].task_vector_into(fetched.name, payload, base, deltas[row]):
+        if (type(inputs.experts[i]) is FullExpert and isinstance(payload, torch.Tensor)
+                and payload.dtype == base.dtype and payload.device == base.device):
+            torch.sub(payload, base, out=deltas[row])  # one sweep instead of copy then subtract
+        elif payload is None or not inputs.experts[i].task_vector_into(fetched.name, payload, base, deltas[row]):
             deltas[row].zero_()
     return deltas
 

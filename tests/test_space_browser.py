@@ -41,7 +41,10 @@ from hubmerge.localhub.testing import configure_client_env, find_free_port  # no
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 START_TIMEOUT = 120
-JOB_TIMEOUT = 180_000  # ms
+JOB_TIMEOUT = 120_000  # ms
+#: WUDI's Adam steps per linear layer: ~80 µs each on the tiny BERT's 13 linear layers, so a merge takes
+#: seconds -- long enough to watch its progress and to overlap a second visitor's merge.
+SLOW_STEPS = {"progress": "3000", "busy": "6000"}
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,14 @@ def fill_models(page: Page, models: dict[str, str]) -> None:
     page.get_by_label("Experts (one per line)").fill(f"{models['expert-a']}\n{models['expert-b']}")
 
 
+def set_slider(slider, value: str) -> None:
+    """Type into a slider's number box, as a person would, and wait until the slider has taken it."""
+    box = slider.locator("input[type=number]")
+    box.fill(value)
+    box.press("Tab")
+    expect(slider.locator("input[type=range]")).to_have_value(value)
+
+
 def status(page: Page):
     return page.locator("#hm-status")
 
@@ -156,7 +167,7 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     pick_method(page, "wudi")
     expect(page.locator("#hm-param-steps")).to_be_visible()
     expect(page.locator("#hm-param-scale")).to_be_visible()
-    page.locator("#hm-param-steps input").fill("120")
+    page.locator("#hm-param-steps input").fill(SLOW_STEPS["progress"])
     page.locator("#hm-param-nonlinear input").click()
     page.get_by_role("option", name="mean", exact=True).click()
     page.get_by_label("Balance").uncheck()
@@ -169,13 +180,15 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     page.locator("#hm-validate").click()
     expect(status(page)).to_contain_text("The recipe is valid", timeout=JOB_TIMEOUT)
     yaml_box = page.locator("#hm-yaml")
-    for text in ("method: wudi", "steps: 120", "nonlinear: mean", "balance: false", hub_models["expert-b"]):
+    for text in ("method: wudi", f"steps: {SLOW_STEPS['progress']}", "nonlinear: mean", "balance: false",
+                 hub_models["expert-b"]):
         expect(yaml_box).to_contain_text(text)
     shoot(page, shots / "1-checked.png")
     with page.expect_download() as download:
         page.locator("#hm-download").click()
     recipe = yaml.safe_load(Path(download.value.path()).read_text())
-    assert recipe["method"] == "wudi" and recipe["params"] == {"steps": 120, "balance": False, "nonlinear": "mean"}
+    assert recipe["method"] == "wudi"
+    assert recipe["params"] == {"steps": int(SLOW_STEPS["progress"]), "balance": False, "nonlinear": "mean"}
     assert recipe["base"] == {"repo": hub_models["base"]}
 
     # Merge: the progress of the engine is seen, then the card preview and the size
@@ -221,7 +234,7 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     assert card_data.base_model_relation == "merge"
     assert "wudi" in card_data.tags
     resolved = yaml.safe_load(Path(hf_hub_download(repo_id, "hubmerge_recipe.yaml")).read_text())
-    assert resolved["params"]["steps"] == 120 and resolved["params"]["nonlinear"] == "mean"
+    assert resolved["params"]["steps"] == int(SLOW_STEPS["progress"]) and resolved["params"]["nonlinear"] == "mean"
     readme = Path(hf_hub_download(repo_id, "README.md")).read_text()
     assert space["token"] not in readme
     assert space["token"] not in page.content()
@@ -233,8 +246,7 @@ def test_bad_parameter_is_shown_on_its_field(page, space, hub_models, tmp_path):
     pick_method(page, "ties")
     k = page.locator("#hm-param-k")
     expect(k).to_be_visible()
-    k.locator("input[type=number]").fill("0")
-    k.locator("input[type=number]").press("Tab")
+    set_slider(k, "0")
     page.locator("#hm-validate").click()
     message = status(page)
     expect(message).to_contain_text("Please fix the highlighted field")
@@ -249,8 +261,7 @@ def test_bad_parameter_is_shown_on_its_field(page, space, hub_models, tmp_path):
     expect(page.locator("#hm-push")).to_be_disabled()
 
     # fixed parameter, but a typo in the second expert: that line is named and the box highlighted
-    k.locator("input[type=number]").fill("0.3")
-    k.locator("input[type=number]").press("Tab")
+    set_slider(k, "0.3")
     page.get_by_label("Experts (one per line)").fill(f"{hub_models['expert-a']}\n{hub_models['expert-b']}-typo")
     page.locator("#hm-validate").click()
     expect(message).to_contain_text("Expert 2 (line 2 of the experts box)", timeout=JOB_TIMEOUT)
@@ -290,7 +301,8 @@ def test_second_merge_waits_and_says_busy(browser, space, hub_models, tmp_path):
         pages.append(page)
     first, second = pages
     try:
-        pick_method(first, "wudi")  # a few seconds of Adam steps per layer: long enough to overlap
+        pick_method(first, "wudi")
+        first.locator("#hm-param-steps input").fill(SLOW_STEPS["busy"])
         pick_method(second, "ties")
         first.locator("#hm-merge").click()
         expect(status(first)).to_contain_text(re.compile(r"tensor \d+ of \d+"), timeout=JOB_TIMEOUT)

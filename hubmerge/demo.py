@@ -1,0 +1,237 @@
+"""``hubmerge demo``: the end-to-end job on a loopback Hub.
+
+1. Start the loopback Hub (or use ``HF_ENDPOINT``/``HF_TOKEN`` when set).
+2. Build the multi-task suite offline (:mod:`hubmerge.suite`), reused from disk when present.
+3. Push the base models and every expert as ordinary Hub repos with their own cards
+   (skipped when the repo already holds this build of the suite).
+4. Run every ``recipes/demo-*.yaml`` by repo id, evaluate the merge on every task of its
+   domain, and push it with a card carrying the evaluation.
+5. Print an accuracy table and where to look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "demo"
+SUITE_MARKER = "hubmerge_suite.json"
+
+
+@dataclass
+class DemoRow:
+    """One line of the accuracy table."""
+
+    label: str
+    domain: str
+    accuracies: dict[str, float]
+    repo: str | None = None
+    storage: float | None = None  # model-equivalents, for deployments
+
+    @property
+    def average(self) -> float:
+        """Mean accuracy over the row's tasks."""
+        return sum(self.accuracies.values()) / max(1, len(self.accuracies))
+
+
+@dataclass
+class DemoReport:
+    """What the demo did."""
+
+    endpoint: str
+    rows: list[DemoRow] = field(default_factory=list)
+    repos: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """The accuracy table as Markdown, one table per domain."""
+        out = []
+        for domain in dict.fromkeys(r.domain for r in self.rows):
+            rows = [r for r in self.rows if r.domain == domain]
+            tasks = list(dict.fromkeys(t for r in rows for t in r.accuracies))
+            experts = next((r for r in rows if r.label == "experts (each on its task)"), None)
+            out.append(f"### {domain}\n")
+            out.append("| model | " + " | ".join(tasks) + " | avg | normalised |")
+            out.append("|---|" + "---|" * (len(tasks) + 2))
+            for r in rows:
+                cells = [f"{r.accuracies[t]:.3f}" if t in r.accuracies else "" for t in tasks]
+                norm = ""
+                if experts and r is not experts and all(t in experts.accuracies for t in r.accuracies):
+                    norm = f"{sum(r.accuracies[t] / experts.accuracies[t] for t in r.accuracies) / len(r.accuracies):.3f}"
+                out.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.average:.3f} | {norm} |")
+            out.append("")
+        return "\n".join(out)
+
+
+def repo_for(domain: str, name: str) -> str:
+    """The demo's repo id for a base (``name="base"``) or expert of ``domain``."""
+    return f"{NAMESPACE}/{domain}-{name}"
+
+
+def _expert_card(suite, expert, base_repo: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    spec = suite.task(expert.task)
+    data = ModelCardData(
+        base_model=base_repo,
+        base_model_relation="adapter" if expert.kind == "lora" else "finetune",
+        library_name="peft" if expert.kind == "lora" else "transformers",
+        tags=["hubmerge-demo", expert.domain, expert.task],
+    )
+    body = (f"# {expert.name}\n\nA {'LoRA adapter' if expert.kind == 'lora' else 'full fine-tune'} of "
+            f"[{base_repo}]({base_repo}) for **{spec.description}**, built offline by `hubmerge.suite`.\n\n"
+            f"Its task head is `task_head.safetensors` ({len(spec.labels)} classes); accuracy at build "
+            f"time: {spec.metrics.get('expert', float('nan')):.3f}.\n")
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def publish_suite(suite, api) -> list[str]:
+    """Push every base and expert of ``suite`` as a Hub repo (skipping those already there).
+
+    Args:
+        suite: A built :class:`hubmerge.suite.Suite`.
+        api: An ``HfApi`` for the target Hub.
+
+    Returns:
+        The repo ids.
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    repos = []
+    for domain in suite.domains:
+        stamp = json.dumps({"fingerprint": suite.config.fingerprint(domain)}, sort_keys=True)
+        entries = [("base", suite.base_dir(domain), None)]
+        entries += [(e.name, e.path, e) for e in suite.experts_for(domain)]
+        for name, directory, expert in entries:
+            repo = repo_for(domain, name)
+            repos.append(repo)
+            try:
+                current = api.hf_hub_download(repo, SUITE_MARKER)
+                if Path(current).read_text() == stamp:
+                    logger.info("demo: %s is up to date", repo)
+                    continue
+            except (EntryNotFoundError, RepositoryNotFoundError):
+                pass
+            api.create_repo(repo, exist_ok=True)
+            ops = [CommitOperationAdd(str(p.relative_to(directory)), str(p))
+                   for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "README.md"]
+            card = (_expert_card(suite, expert, repo_for(domain, "base")) if expert else
+                    f"# {repo}\n\nThe pre-trained {domain} encoder of the hubmerge demo suite.\n")
+            ops.append(CommitOperationAdd("README.md", card.encode()))
+            ops.append(CommitOperationAdd(SUITE_MARKER, stamp.encode()))
+            api.create_commit(repo, operations=ops, commit_message=f"hubmerge demo suite: {name}")
+            logger.info("demo: pushed %s", repo)
+    return repos
+
+
+def _domain_of_recipe(recipe, suite) -> str:
+    for domain in suite.domains:
+        if recipe.base.repo == repo_for(domain, "base"):
+            return domain
+    raise ValueError(f"recipe {recipe.name!r}: base {recipe.base} is not a demo base")
+
+
+def run_recipe(path: Path, suite, report: DemoReport, *, work: Path, progress=None) -> None:
+    """Run one demo recipe, evaluate it on its domain's tasks, push it with its card.
+
+    Args:
+        path: The recipe file (Hub repo ids of the demo suite).
+        suite: The suite (for evaluation).
+        report: Where rows, repos and outputs are added.
+        work: The demo's working directory.
+        progress: Optional engine progress callback.
+    """
+    from .card import Evaluation
+    from .engine import merge
+    from .publish import publish_merge
+    from .recipe import load_recipe
+    from .suite import evaluate_all
+
+    recipe = load_recipe(path)
+    domain = _domain_of_recipe(recipe, suite)
+    output = work / "out" / recipe.name
+    result = merge(recipe, output=output, overwrite=True, progress=progress, file=str(path))
+    accuracies = evaluate_all(result.output_dir, suite, domain=domain)
+    evaluation = [Evaluation(task=t, metric="accuracy", value=v, dataset=f"hubmerge-suite/{t}",
+                             task_type="image-classification" if domain == "vision" else "text-classification")
+                  for t, v in accuracies.items()]
+    repo = recipe.output.repo
+    if repo:
+        publish_merge(result, repo, private=recipe.output.private, evaluation=evaluation)
+        report.repos.append(repo)
+    report.outputs.append(result.output_dir)
+    report.rows.append(DemoRow(f"{recipe.method} ({recipe.name})", domain, accuracies, repo))
+
+
+def baseline_rows(suite) -> list[DemoRow]:
+    """Base + heads, and each expert on its own task."""
+    from .suite import evaluate_all
+
+    rows = []
+    for domain in suite.domains:
+        rows.append(DemoRow("base + heads", domain, evaluate_all(suite.base_dir(domain), suite, domain=domain)))
+        experts = {e.task: suite.task(e.task).metrics.get("expert") for e in suite.experts_for(domain)}
+        if any(v is None for v in experts.values()):
+            from .suite import evaluate
+
+            experts = {e.task: evaluate(e.path, e.task, suite) for e in suite.experts_for(domain)}
+        rows.append(DemoRow("experts (each on its task)", domain, experts))
+    return rows
+
+
+def run_demo(work: str | os.PathLike[str] = ".hubmerge-demo", *, recipes: str | os.PathLike[str] = "recipes",
+             progress=None) -> DemoReport:
+    """Run the whole demo.
+
+    Args:
+        work: Working directory (the loopback Hub's data, the suite, outputs); reused across runs.
+        recipes: Directory holding the ``demo-*.yaml`` recipes.
+        progress: Optional engine progress callback.
+
+    Returns:
+        The :class:`DemoReport`.
+
+    Raises:
+        HubmergeError: A recipe or the Hub failed.
+    """
+    started = time.perf_counter()
+    work = Path(work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if os.environ.get("HF_ENDPOINT") and "huggingface.co" not in os.environ["HF_ENDPOINT"]:
+            endpoint = os.environ["HF_ENDPOINT"]
+        else:
+            from .localhub.server import LocalHubServer
+            from .localhub.testing import configure_client_env, find_free_port
+
+            port = find_free_port()
+            server = LocalHubServer(work / "hub", port=port)
+            env = configure_client_env(port=port, token=server.token, hf_home=work / "hf-home")
+            server.start()
+            stack.callback(server.stop)
+            endpoint = env.endpoint
+        from huggingface_hub import HfApi
+
+        from .suite import build_suite
+
+        report = DemoReport(endpoint)
+        suite = build_suite(work / "suite")
+        report.repos += publish_suite(suite, HfApi())
+        report.rows += baseline_rows(suite)
+        files = sorted(Path(recipes).glob("demo-*.yaml"))
+        for path in files:
+            logger.info("demo: running %s", path)
+            run_recipe(path, suite, report, work=work, progress=progress)
+        report.seconds = time.perf_counter() - started
+        (work / "accuracy.md").write_text(report.table())
+        return report
