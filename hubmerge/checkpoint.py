@@ -20,6 +20,10 @@ import torch
 from .errors import CheckpointError, ModelReferenceError, UnsafeCheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+#: More dimensions than any model uses; larger sizes than a signed 64-bit count cannot be real.
+MAX_DIMS = 64
+MAX_ELEMENTS = 2**63 - 1
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -81,9 +85,13 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
             raise CheckpointError(f"{path}: truncated (header says {header_len} bytes, file has {size})")
         raw = fh.read(header_len)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]!r} appears twice in the header (ambiguous)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: header is nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_start = 8 + header_len
@@ -100,9 +108,13 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         if dtype is None:
             raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise CheckpointError(f"{where}: bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if len(shape) > MAX_DIMS:
+            raise CheckpointError(f"{where}: {len(shape)} dimensions (at most {MAX_DIMS})")
+        if any(d > MAX_ELEMENTS for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+            raise CheckpointError(f"{where}: shape {shape} has a dimension or size out of range")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
@@ -116,6 +128,24 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         if b1 < e0 and e1 > b1:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return dict(sorted(metas.items(), key=lambda kv: kv[1].offset))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` refusing duplicate keys (parsers differ on which one wins)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def refuse_pickle_only(directory: Path) -> None:
@@ -161,7 +191,8 @@ class Checkpoint:
         if single.is_file():
             files = [single]
         elif index.is_file():
-            files = self._index_files(index)
+            weight_map = self._weight_map(index)
+            files = self._index_files(index, weight_map)
         else:
             refuse_pickle_only(self.directory)
         self.files = files
@@ -171,15 +202,28 @@ class Checkpoint:
                 if name in self.meta:
                     raise CheckpointError(f"{file}: tensor {name!r} also in {self.meta[name].file.name}")
                 self.meta[name] = meta
+        if not single.is_file():
+            for name, shard in weight_map.items():
+                meta = self.meta.get(name)
+                if meta is None or meta.file != (index.parent / shard).resolve():
+                    raise CheckpointError(f"{index}: tensor {name!r} is not in {shard} (the index and shards disagree)")
         self._handles: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
-    def _index_files(index: Path) -> list[Path]:
+    def _weight_map(index: Path) -> dict[str, str]:
         try:
+            if index.stat().st_size > MAX_INDEX_BYTES:
+                raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
+        return weight_map
+
+    @staticmethod
+    def _index_files(index: Path, weight_map: dict[str, str]) -> list[Path]:
         names = list(dict.fromkeys(weight_map.values()))
         files = []
         for name in names:

@@ -26,7 +26,7 @@ from .errors import HubmergeError, IncompatibleModelError, ModelReferenceError, 
 from .method import MergeMethod, TensorGroup
 from .recipe import Recipe, check_recipe
 from .sources import Expert, ResolvedModel, open_expert, resolve
-from .writer import ShardedWriter, TensorSpec
+from .writer import ShardedWriter, TensorSpec, confine_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -432,12 +432,20 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
     target = Path(output or recipe.output.path or "")
     if not str(target) or str(target) == ".":
         raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
+    if output is None:  # the recipe chose it: it must stay where hubmerge runs
+        confine_output_path(target, file=file)
     compute_device = resolve_device(device or recipe.device)
     compute_dtype = getattr(torch, recipe.dtype)
     out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
 
     started = time.perf_counter()
     inputs = open_inputs(recipe, token=token)
+    if recipe.output.format == "adapter":
+        try:
+            return _merge_to_adapter(recipe, method, inputs, target, overwrite=overwrite, device=compute_device,
+                                     dtype=compute_dtype, progress=progress, started=started)
+        finally:
+            inputs.close()
     writer = None
     try:
         names = inputs.base_checkpoint.names()
@@ -490,3 +498,26 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
         raise
     finally:
         inputs.close()
+
+
+def _merge_to_adapter(recipe: Recipe, method: MergeMethod, inputs: MergeInputs, target: Path, *, overwrite: bool,
+                      device: torch.device, dtype: torch.dtype, progress: ProgressCallback | None,
+                      started: float) -> MergeResult:
+    """``output.format: adapter``: see :mod:`hubmerge.adapters.output`."""
+    from .adapters.output import check_adapter_output, write_adapter
+    from .lineage import resolved_recipe_yaml
+
+    from .writer import check_output_path
+
+    check_adapter_output(recipe, method, inputs.experts)
+    check_output_path(Path(target).absolute(), overwrite=overwrite)
+    result = MergeResult(output_dir=target, recipe=recipe, method=method, base=inputs.base,
+                         experts=[e.resolved for e in inputs.experts], device=str(device), seconds=0.0,
+                         bytes_read=0, bytes_written=0, tensors=0)
+    directory, errors = write_adapter(recipe, method, inputs, target, overwrite=overwrite, device=device,
+                                      dtype=dtype, progress=progress,
+                                      extra_files={"hubmerge_recipe.yaml": resolved_recipe_yaml(result)})
+    result.output_dir = directory
+    result.extra["adapter_errors"] = errors
+    result.seconds = time.perf_counter() - started
+    return result

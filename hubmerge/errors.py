@@ -144,3 +144,35 @@ class AdapterMismatchError(AdapterError, IncompatibleModelError):
 
 class DeploymentError(HubmergeError, ValueError):
     """A per-task deployment is malformed, lacks the task asked for, or does not fit the model class."""
+
+
+class OutputWriteError(HubmergeError, OSError):
+    """Writing the output failed (disk full, file too large, I/O error); nothing half-written is left.
+
+    Args:
+        message: What failed, naming the output directory.
+        errno: The ``errno`` of the underlying ``OSError``, if any.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class SuiteError(HubmergeError, RuntimeError):
+    """The demo suite cannot be built or opened (missing domain, data package, corrupt manifest)."""
+
+
+class UnknownTaskError(SuiteError, LookupError):
+    """A task or expert name is not in the suite."""
+
+
+class SuiteError(HubmergeError, RuntimeError):
+    """The demo/benchmark suite cannot be built or opened (missing data package, corrupt manifest...)."""
+
+
+class UnknownTaskError(HubmergeError, KeyError):
+    """A suite task or expert name is unknown."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -73,6 +73,7 @@ import torch
 from pydantic import ValidationError
 
 from .engine import (
+    IN_BUFFER,
     MergeInputs,
     MergeResult,
     Progress,
@@ -430,7 +431,7 @@ class StorageModel:
     group (masks, rescalers, the pre-trained weights).
     """
 
-    #: Smallest possible size, in model-equivalents, for the docs and error messages.
+    #: A short description for summaries.
     name = "one tensor per group"
 
     def block_bytes(self, block: Block, group_sizes: list[int]) -> int:
@@ -670,6 +671,31 @@ def resolve_inner(spec: FlexMergeSpec, tasks: int, dtype: torch.dtype, *, file: 
     return inner
 
 
+def check_flexmerge(recipe: Recipe, *, file: str | None = None
+                    ) -> tuple[InnerMethod, list[RequestedSize], list[tuple[str, re.Pattern]] | None]:
+    """Check a recipe's ``flexmerge`` section without reading any model (for ``validate`` too).
+
+    Args:
+        recipe: A schema-valid recipe.
+        file: Recipe file name for errors.
+
+    Returns:
+        ``(inner method, requested sizes, compiled block rules or None)``.
+
+    Raises:
+        RecipeError: Naming the field at fault (``flexmerge.sizes[1]``, ``flexmerge.blocks[0].pattern``...).
+    """
+    if recipe.flexmerge is None:
+        raise RecipeError("the recipe has no `flexmerge` section", field="flexmerge", file=file)
+    if recipe.output.format != "model":
+        raise RecipeError("FlexMerge writes deployments of full tensors; `output.format: adapter` is not supported",
+                          field="output.format", file=file)
+    spec = recipe.flexmerge
+    tasks = len(recipe.experts)
+    inner = resolve_inner(spec, tasks, getattr(torch, recipe.dtype), file=file)
+    return inner, parse_sizes(spec.sizes, tasks, file=file), compile_block_rules(spec.blocks, file=file)
+
+
 # -- planning --------------------------------------------------------------------------------------------
 @dataclass
 class DeploymentPlan:
@@ -737,6 +763,38 @@ def tensor_key(name: str, members: tuple[int, ...]) -> str:
     return f"{name}@{'.'.join(str(m) for m in members)}"
 
 
+def deployment_layout(plan: DeploymentPlan, specs: list[TensorSpec], block_of: dict[str, str],
+                      tasks: list[str]) -> tuple[list[TensorSpec], dict[str, dict[str, str]]]:
+    """The stored tensors of a deployment and each task's view of them.
+
+    Every tensor is stored once per group of its block under :func:`tensor_key` (groups in order
+    of their smallest member); a tensor in no block (non-floating) once, under its own name.
+
+    Args:
+        plan: The size's plan (its groups per block).
+        specs: The checkpoint's tensors in storage order (output dtype).
+        block_of: Tensor name to block, for the merged tensors.
+        tasks: Task names.
+
+    Returns:
+        ``(stored specs in write order, task -> weight name -> stored key)``.
+    """
+    stored: list[TensorSpec] = []
+    views: dict[str, dict[str, str]] = {t: {} for t in tasks}
+    for spec in specs:
+        if spec.name not in block_of:
+            stored.append(spec)
+            for t in tasks:
+                views[t][spec.name] = spec.name
+            continue
+        for members in plan.groups[block_of[spec.name]]:
+            key = tensor_key(spec.name, members)
+            stored.append(TensorSpec(key, spec.shape, spec.dtype))
+            for m in members:
+                views[tasks[m]][spec.name] = key
+    return stored, views
+
+
 # -- running ---------------------------------------------------------------------------------------------
 @dataclass
 class FlexMergeResult:
@@ -756,7 +814,8 @@ class FlexMergeResult:
         device: Compute device.
         seconds: Wall time.
         bytes_read: Bytes read from the inputs over all passes.
-        timings: Seconds per stage (``similarity``, ``order``, ``prepasses``, ``write``).
+        timings: Seconds per stage: ``similarity``, ``order``, ``prepasses``, ``write`` (the write
+            pass, of which ``write_merge`` computing the groups and ``write_io`` writing them).
     """
 
     output_dir: Path
@@ -773,6 +832,7 @@ class FlexMergeResult:
     seconds: float = 0.0
     bytes_read: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    storage_model: str = StorageModel.name
 
     def storage_table(self) -> list[dict[str, Any]]:
         """Per size: label, merges, bytes and model-equivalents (for printing)."""
@@ -808,7 +868,7 @@ def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMetho
         done_bytes = done_tensors = 0
         stage = f"inner prepass {pass_index + 1}/{passes}"
         items = plan_items(inputs, names, elementwise=elementwise, dtype=dtype)
-        for fetched in prefetched(inputs, items):
+        for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None):
             group = build_group(inputs, fetched, device, dtype)
             block = block_of[fetched.name]
             for members, method in by_block[block]:
@@ -831,14 +891,95 @@ def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMetho
     return passes
 
 
-def _member_deltas(inputs: MergeInputs, fetched: Any, base: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+class _GroupMerger:
+    """The write pass's maths for one tensor: each needed group's output, each computed once.
+
+    A group of one full fine-tune is the expert's own tensor (exact); other groups get their
+    members' task vectors, built in a reused buffer, merged by the group's method instance.
+    """
+
+    def __init__(self, inputs: MergeInputs, instances: dict[tuple[str, tuple[int, ...]], MergeMethod],
+                 method_name: str, device: torch.device, dtype: torch.dtype):
+        from .sources import FullExpert
+
+        self.inputs = inputs
+        self.instances = instances
+        self.method_name = method_name
+        self.device = device
+        self.dtype = dtype
+        self.tasks = [e.label for e in inputs.experts]
+        self.full = [isinstance(e, FullExpert) for e in inputs.experts]
+        self.scratch, self.base_copy = _Scratch(), _Scratch()
+
+    def outputs(self, fetched: Any, block: str, needed: list[tuple[int, ...]],
+                spec: TensorSpec) -> dict[tuple[int, ...], torch.Tensor]:
+        """Group members to the CPU tensor (output dtype) to store."""
+        name = fetched.name
+        users = [m for m in needed if len(m) > 1 or not self.full[m[0]]]
+        base = fetched.base.to(device=self.device, dtype=self.dtype) if users else None
+        outputs: dict[tuple[int, ...], torch.Tensor] = {}
+        for members in needed:
+            if members not in users:  # the expert's own tensor, bit for bit
+                i = members[0]
+                merged = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+            else:
+                deltas = _member_deltas(self.inputs, fetched, base, members, self.scratch)
+                if len(members) == 1:
+                    merged = base + deltas[0]
+                else:  # a method may work in place: only the last user gets the shared base
+                    own = base if members == users[-1] else \
+                        self.base_copy.take(base.shape, base.dtype, base.device).copy_(base)
+                    group = TensorGroup(name, own, deltas, [self.tasks[i] for i in members])
+                    merged = self.instances[(block, members)].merge_tensor(group)
+                    if tuple(merged.shape) != spec.shape:
+                        raise HubmergeError(f"method {self.method_name!r} returned shape {list(merged.shape)} "
+                                            f"for {name!r}, expected {list(spec.shape)}")
+                    if self.scratch.owns(merged) or self.base_copy.owns(merged):
+                        merged = merged.clone()  # a view of our reused buffers
+                del deltas
+            outputs[members] = merged.to(device="cpu", dtype=spec.dtype)
+        return outputs
+
+
+class _Scratch:
+    """A grow-only buffer reused from tensor to tensor.
+
+    Large fresh CPU allocations are fresh pages that the kernel must fault in and zero, which
+    costs more than the arithmetic on them; the write pass builds each group's task vectors in
+    here instead.
+    """
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffer
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            self.buffer = buf = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in the buffer (a method returned a view of its inputs)."""
+        return self.buffer is not None and tensor.untyped_storage().data_ptr() == \
+            self.buffer.untyped_storage().data_ptr()
+
+
+def _member_deltas(inputs: MergeInputs, fetched: Any, base: torch.Tensor, members: tuple[int, ...],
+                   scratch: _Scratch | None = None) -> torch.Tensor:
     """The task vectors of ``members`` only (like :func:`~hubmerge.engine.build_group` for a subset)."""
     from .sources import FullExpert
 
-    deltas = torch.empty((len(members), *base.shape), device=base.device, dtype=base.dtype)
+    shape = (len(members), *base.shape)
+    if scratch is not None:
+        deltas = scratch.take(shape, base.dtype, base.device)
+    else:
+        deltas = torch.empty(shape, device=base.device, dtype=base.dtype)
     for row, i in enumerate(members):
         payload = fetched.expert_payloads[i]
-        if (type(inputs.experts[i]) is FullExpert and isinstance(payload, torch.Tensor)
+        if payload is IN_BUFFER:
+            payload = fetched.stacked[i]  # read by the engine straight into its stacked buffer
+        if (isinstance(payload, torch.Tensor) and isinstance(inputs.experts[i], FullExpert)
                 and payload.dtype == base.dtype and payload.device == base.device):
             torch.sub(payload, base, out=deltas[row])  # one sweep instead of copy then subtract
         elif payload is None or not inputs.experts[i].task_vector_into(fetched.name, payload, base, deltas[row]):
@@ -891,19 +1032,12 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
     from .lineage import resolved_recipe_yaml
 
     started = time.perf_counter()
-    if recipe.flexmerge is None:
-        raise RecipeError("the recipe has no `flexmerge` section", field="flexmerge", file=file)
+    inner, sizes, rules = check_flexmerge(recipe, file=file)
     spec = recipe.flexmerge
     top_method = check_recipe(recipe, file=file)
-    if recipe.output.format != "model":
-        raise RecipeError("FlexMerge writes deployments of full tensors; `output.format: adapter` is not supported",
-                          field="output.format", file=file)
     tasks_count = len(recipe.experts)
     compute_dtype = getattr(torch, recipe.dtype)
     out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
-    inner = resolve_inner(spec, tasks_count, compute_dtype, file=file)
-    sizes = parse_sizes(spec.sizes, tasks_count, file=file)
-    rules = compile_block_rules(spec.blocks, file=file)
     target = Path(output or recipe.output.path or "")
     if not str(target) or str(target) == ".":
         raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
@@ -915,8 +1049,6 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
     staged = None
     writers: list[DeploymentWriter] = []
     try:
-        from .sources import FullExpert
-
         tasks = [e.label for e in inputs.experts]
         names = inputs.base_checkpoint.names()
         meta = inputs.base_checkpoint.meta
@@ -958,61 +1090,37 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
         model_class = _model_class(inputs.base.directory)
         weights = list(all_specs)
         for plan in plans:
-            stored: list[TensorSpec] = []
-            views: dict[str, dict[str, str]] = {t: {} for t in tasks}
-            for name in names:
-                s = spec_of[name]
-                if name not in block_of:
-                    stored.append(s)
-                    for t in tasks:
-                        views[t][name] = name
-                    continue
-                for members in plan.groups[block_of[name]]:
-                    key = tensor_key(name, members)
-                    stored.append(TensorSpec(key, s.shape, s.dtype))
-                    for m in members:
-                        views[tasks[m]][name] = key
+            stored, views = deployment_layout(plan, all_specs, block_of, tasks)
             writers.append(DeploymentWriter(staged.path / plan.size.directory, tasks=tasks, weights=weights,
                                             stored=stored, views=views, kind="flexmerge",
                                             shard_size=recipe.output.shard_size, model_class=model_class))
-        full = [isinstance(e, FullExpert) for e in inputs.experts]
+        merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
         done_bytes = 0
-        for count, fetched in enumerate(prefetched(inputs, names), 1):
+        t_compute = t_io = 0.0
+        pooled = compute_dtype if compute_device.type == "cpu" else None  # experts read into reused buffers
+        for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):
             name = fetched.name
             s = spec_of[name]
+            t1 = time.perf_counter()
             if name not in block_of:
-                tensor = fetched.base.to(s.dtype)
-                for writer in writers:
-                    writer.write(name, tensor)
+                outputs = {(): fetched.base.to(s.dtype)}
+                keys = [[(name, ())] for _ in plans]
             else:
                 block = block_of[name]
                 needed = sorted({m for plan in plans for m in plan.groups[block]})
-                users = [m for m in needed if len(m) > 1 or not full[m[0]]]
-                base = fetched.base.to(device=compute_device, dtype=compute_dtype) if users else None
-                outputs: dict[tuple[int, ...], torch.Tensor] = {}
-                for members in needed:
-                    if members not in users:
-                        merged = fetched.expert_payloads[members[0]]  # the expert's own tensor: exact
-                    else:
-                        deltas = _member_deltas(inputs, fetched, base, members)
-                        if len(members) == 1:
-                            merged = base + deltas[0]
-                        else:  # a method may work in place: only the last user gets the shared base
-                            own = base if members == users[-1] else base.clone()
-                            sub = TensorGroup(name, own, deltas, [tasks[i] for i in members])
-                            merged = instances[(block, members)].merge_tensor(sub)
-                            if tuple(merged.shape) != s.shape:
-                                raise HubmergeError(f"method {inner.name!r} returned shape "
-                                                    f"{list(merged.shape)} for {name!r}, expected {list(s.shape)}")
-                        del deltas
-                    outputs[members] = merged.to(device="cpu", dtype=s.dtype)
-                for plan, writer in zip(plans, writers):
-                    for members in plan.groups[block]:
-                        writer.write(tensor_key(name, members), outputs[members])
-                del base, outputs
+                outputs = merger.outputs(fetched, block, needed, s)
+                keys = [[(tensor_key(name, m), m) for m in plan.groups[block]] for plan in plans]
+            t2 = time.perf_counter()
+            for writer, plan_keys in zip(writers, keys):
+                for key, members in plan_keys:
+                    writer.write(key, outputs[members])
+            t_compute += t2 - t1
+            t_io += time.perf_counter() - t2
+            del outputs
             done_bytes += fetched.nbytes
             if progress:
                 progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
+        timings["write_merge"], timings["write_io"] = t_compute, t_io
 
         experts = [e.resolved for e in inputs.experts]
         for plan, writer in zip(plans, writers):
@@ -1043,6 +1151,7 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             output_dir=target.absolute(), recipe=recipe, inner=inner, tasks=tasks, blocks=blocks, order=order,
             storage_curve=curve, deployments=plans, model_bytes=model_bytes, cosines=block_cos,
             device=str(compute_device), bytes_read=inputs.bytes_per_pass * (2 + passes), timings=timings,
+            storage_model=(storage or StorageModel()).name,
         )
         (staged.path / ROOT_SUMMARY).write_text(json.dumps(_summary(result), indent=1) + "\n", encoding="utf-8")
         root = MergeResult(output_dir=target, recipe=_resolved_recipe(recipe, inner, spec.sizes), method=top_method,
@@ -1073,6 +1182,7 @@ def _summary(result: FlexMergeResult) -> dict[str, Any]:
         "inner_params": result.inner.params,
         "model_bytes": result.model_bytes,
         "size_unit": "model-equivalents: stored bytes / bytes of one model",
+        "storage_model": result.storage_model,
         "blocks": [{"name": b.name, "tensors": list(b.tensors), "numel": b.numel, "bytes": b.nbytes,
                     "cosines": np.round(result.cosines[b.name], 6).tolist()} for b in result.blocks],
         "merge_order": [{"step": i + 1, "block": s.block, "left": [tasks[t] for t in s.left],

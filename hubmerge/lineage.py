@@ -54,11 +54,15 @@ def resolved_recipe(result: MergeResult) -> dict[str, Any]:
     data["experts"] = [pinned_ref(e) for e in result.experts]
     data["params"] = result.method.params.model_dump(mode="json")
     registered = registered_methods().get(recipe.method)
+    # Where the recipe came from (a registry recipe, a published merge re-run): set by
+    # hubmerge.registry in the recipe's own provenance, the one key carried over.
+    source = (recipe.provenance or {}).get("source")
     data["provenance"] = {
         "hubmerge": _version("hubmerge"),
         "method_plugin": f"{registered.plugin} ({registered.distribution})" if registered else None,
         "torch": str(torch.__version__),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        **({"source": source} if source else {}),
         **result.extra.get("provenance", {}),
     }
     return {"hubmerge": data.pop("hubmerge"), **data}

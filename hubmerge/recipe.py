@@ -19,6 +19,7 @@ from .errors import RecipeError, UnknownMethodError
 
 SCHEMA_VERSION = 1
 MAX_YAML_ALIASES = 64
+MAX_YAML_DEPTH = 32
 MAX_RECIPE_BYTES = 1024 * 1024
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
@@ -136,6 +137,16 @@ class OutputSpec(_Strict):
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and ("\x00" in value or ".." in Path(value).parts):
+            raise ValueError(
+                f"{value!r}: an output path in a recipe cannot contain '..' (or NUL); it must not lead "
+                "outside the directory hubmerge runs in (pass --output to write elsewhere)"
+            )
+        return value
+
     @field_validator("repo")
     @classmethod
     def _repo(cls, value: str | None) -> str | None:
@@ -163,6 +174,10 @@ class Recipe(_Strict):
 
     hubmerge: int = Field(description="Schema version")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+    version: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="Version of a named recipe (the recipe registry); quote it in YAML (\"1.10\")",
+    )
     description: str | None = None
     base: ModelRef
     experts: list[ModelRef] = Field(min_length=1)
@@ -175,6 +190,12 @@ class Recipe(_Strict):
     provenance: dict[str, Any] | None = Field(
         None, description="Written by hubmerge into hubmerge_recipe.yaml: versions and time; informational"
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # `version: 1` or `version: 1.2` in YAML are numbers; take them as written.
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     @field_validator("hubmerge")
     @classmethod
@@ -232,16 +253,23 @@ def raise_validation_error(exc: ValidationError, *, file: str | None, prefix: tu
 
 
 class _LimitedLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses alias blow-ups ("billion laughs")."""
+    """A safe YAML loader that refuses alias blow-ups ("billion laughs") and deep nesting."""
 
     aliases_seen = 0
+    depth = 0
 
     def compose_node(self, parent, index):  # noqa: D401
         if self.check_event(yaml.AliasEvent):
             self.aliases_seen += 1
             if self.aliases_seen > MAX_YAML_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases; refusing to expand")
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:  # the composer recurses: stop long before Python's stack does
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep; refusing to parse")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def parse_yaml(text: str, *, file: str | None = None) -> Any:
@@ -266,23 +294,285 @@ def parse_yaml(text: str, *, file: str | None = None) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"malformed YAML{where}: {problem}", file=file) from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise ValueError, IndexError... on bad scalars
+        raise RecipeError(f"malformed YAML: {type(exc).__name__}: {exc}"[:500], file=file) from None
 
 
-def recipe_from_dict(data: Any, *, file: str | None = None) -> Recipe:
+# -- variables: recipe templates --------------------------------------------------------------------------
+#
+# A recipe may leave values for its user to fill in: ``${name}`` placeholders in any string value,
+# optionally declared in a top-level ``variables:`` block (description, type, default). A variable
+# without a default is required. Rendering substitutes the values and drops the block, so what is
+# validated (and recorded beside the merge) is a plain schema-v1 recipe. A placeholder that is the
+# whole value keeps the value's type (``experts: ${experts}`` becomes a list); inside longer text it
+# is formatted (``out/${name}``). ``$${`` writes a literal ``${``.
+
+VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+_PLACEHOLDER = re.compile(r"\$(\$?)\{([^{}]*)\}")
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class Variable(_Strict):
+    """A variable of a recipe template, declared under ``variables:``.
+
+    ``type`` says which values are accepted and how a value given as text (``--set k=0.3``)
+    is read: ``string``, ``number``, ``integer``, ``boolean``, ``model`` (a model reference,
+    text or mapping), ``models`` (a list of them; text is split on commas) or ``any`` (taken
+    as given). A variable without ``default`` is required; ``default: null`` makes it optional.
+    """
+
+    description: str | None = None
+    type: Literal["string", "number", "integer", "boolean", "model", "models", "any"] = "any"
+    default: Any = None
+
+    @property
+    def required(self) -> bool:
+        """Whether the user must give a value (no ``default`` declared)."""
+        return "default" not in self.model_fields_set
+
+    def coerce(self, value: Any) -> Any:
+        """Check ``value`` against :attr:`type`, reading text when the type asks for more.
+
+        Raises:
+            ValueError: If the value does not fit the type.
+        """
+        kind = self.type
+        if value is None or kind == "any":
+            return value
+        if kind == "string":
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError(f"expected text, got {type(value).__name__}")
+            return str(value)
+        if kind in ("number", "integer"):
+            if isinstance(value, str):
+                text = value.strip()
+                try:
+                    value = int(text)
+                except ValueError:
+                    try:
+                        value = float(text)
+                    except ValueError:
+                        raise ValueError(f"expected a {kind}, got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"expected a {kind}, got {type(value).__name__}")
+            if kind == "integer":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(f"expected an integer, got {value!r}")
+                return int(value)
+            return value
+        if kind == "boolean":
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return value
+        if kind == "model":
+            if not isinstance(value, (str, dict)) or value == "":
+                raise ValueError("expected a model reference (Hub repo id[@revision] or a local directory)")
+            return value.strip() if isinstance(value, str) else value
+        # models
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, dict)) for v in value):
+            raise ValueError("expected a list of model references (comma-separated as text)")
+        return list(value)
+
+
+def _strings(node: Any, path: tuple = ()):
+    """Yield ``(path, text)`` for every string value of a parsed document (keys excluded)."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not path and key == "variables":
+                continue
+            yield from _strings(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _strings(value, (*path, i))
+
+
+def placeholders(data: Any, *, file: str | None = None) -> dict[str, list[str]]:
+    """The ``${name}`` placeholders of a document, each with the field paths that use it.
+
+    Args:
+        data: A parsed recipe document.
+        file: Name for error messages.
+
+    Returns:
+        Variable name to field paths (``params.k``), in order of first use.
+
+    Raises:
+        RecipeError: On a malformed placeholder (``${}``, ``${a b}``), naming its field.
+    """
+    found: dict[str, list[str]] = {}
+    for path, text in _strings(data):
+        for match in _PLACEHOLDER.finditer(text):
+            if match.group(1):
+                continue  # $${...} is a literal
+            name = match.group(2).strip()
+            if not VARIABLE_NAME.match(name):
+                raise RecipeError(f"malformed placeholder {match.group(0)!r} (a name of letters, digits, _ - "
+                                  "and dots)", field=field_path(path), file=file)
+            found.setdefault(name, []).append(field_path(path))
+    return found
+
+
+def is_template(data: Any) -> bool:
+    """Whether a parsed document declares ``variables:`` or holds ``${...}`` placeholders."""
+    if isinstance(data, dict) and "variables" in data:
+        return True
+    return any("${" in text for _, text in _strings(data))
+
+
+def declared_variables(data: Any, *, file: str | None = None) -> dict[str, Variable]:
+    """The variables of a template: its ``variables:`` block plus undeclared placeholders.
+
+    A placeholder that the block does not declare is a required variable of type ``any``.
+
+    Args:
+        data: A parsed recipe document.
+        file: Name for error messages.
+
+    Returns:
+        Variable name to :class:`Variable`, declared ones first, in order.
+
+    Raises:
+        RecipeError: A malformed block (``variables.k.type``), a bad name, or a declared
+            variable that no placeholder uses (a typo, most likely).
+    """
+    block = data.get("variables") if isinstance(data, dict) else None
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise RecipeError("must be a mapping of variable names to their declarations", field="variables",
+                          file=file)
+    declared: dict[str, Variable] = {}
+    for name, spec in block.items():
+        if not isinstance(name, str) or not VARIABLE_NAME.match(name):
+            raise RecipeError(f"not a variable name: {name!r} (letters, digits, _ - and dots)",
+                              field="variables", file=file)
+        if spec is not None and not isinstance(spec, dict):
+            raise RecipeError("declare a variable as a mapping (description, type, default) or null",
+                              field=f"variables.{name}", file=file)
+        try:
+            declared[name] = Variable.model_validate(spec or {})
+        except ValidationError as exc:
+            raise_validation_error(exc, file=file, prefix=("variables", name))
+        try:
+            if not declared[name].required:
+                declared[name].coerce(declared[name].default)
+        except ValueError as exc:
+            raise RecipeError(f"default: {exc}", field=f"variables.{name}", file=file) from None
+    used = placeholders(data, file=file)
+    for name in declared:
+        if name not in used:
+            raise RecipeError(f"declared but no ${{{name}}} placeholder uses it", field=f"variables.{name}",
+                              file=file)
+    for name in used:
+        declared.setdefault(name, Variable())
+    return declared
+
+
+def render_variables(data: dict[str, Any], values: dict[str, Any] | None = None, *,
+                     file: str | None = None) -> dict[str, Any]:
+    """Fill a template's variables and return the plain recipe document.
+
+    Args:
+        data: A parsed recipe document (a template or a plain recipe).
+        values: Variable name to value; text is read according to the variable's ``type``.
+        file: Name for error messages.
+
+    Returns:
+        A new document without ``variables:`` and with every placeholder substituted.
+
+    Raises:
+        RecipeError: ``variables.<name>`` for a required variable left unset, an unknown
+            variable, or a value of the wrong type; the field of a placeholder that cannot be
+            formatted into text.
+    """
+    import copy
+
+    declared = declared_variables(data, file=file)
+    values = dict(values or {})
+    for name in values:
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise RecipeError(f"unknown variable (this recipe declares: {known})", field=f"variables.{name}",
+                              file=file)
+    resolved: dict[str, Any] = {}
+    missing: list[str] = []
+    for name, var in declared.items():
+        if name in values:
+            try:
+                resolved[name] = var.coerce(values[name])
+            except ValueError as exc:
+                raise RecipeError(str(exc), field=f"variables.{name}", file=file) from None
+        elif var.required:
+            missing.append(name)
+        else:
+            resolved[name] = var.coerce(var.default)
+    if missing:
+        name = missing[0]
+        var = declared[name]
+        uses = placeholders(data).get(name, [])
+        about = f" — {var.description}" if var.description else ""
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise RecipeError(f"required variable {name!r} is not set{about}; used at {', '.join(uses)}{more}",
+                          field=f"variables.{name}", file=file)
+
+    def substitute(node: Any, path: tuple) -> Any:
+        if isinstance(node, dict):
+            return {k: substitute(v, (*path, k)) for k, v in node.items() if path or k != "variables"}
+        if isinstance(node, list):
+            return [substitute(v, (*path, i)) for i, v in enumerate(node)]
+        if not isinstance(node, str) or "${" not in node:
+            return node
+        whole = _PLACEHOLDER.fullmatch(node)
+        if whole and not whole.group(1):
+            return copy.deepcopy(resolved[whole.group(2).strip()])
+
+        def text(match: re.Match) -> str:
+            if match.group(1):
+                return "${" + match.group(2) + "}"
+            name = match.group(2).strip()
+            value = resolved[name]
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, (str, int, float)):
+                return str(value)
+            raise RecipeError(f"variable {name!r} is {'null' if value is None else type(value).__name__} "
+                              "and cannot be written inside text", field=field_path(path), file=file)
+
+        return _PLACEHOLDER.sub(text, node)
+
+    return substitute(data, ())
+
+
+def recipe_from_dict(data: Any, *, file: str | None = None,
+                     variables: dict[str, Any] | None = None) -> Recipe:
     """Validate a parsed document against schema v1.
+
+    A document with a ``variables:`` block or ``${name}`` placeholders is a template: it
+    is rendered first (see :func:`render_variables`); a plain recipe is unchanged.
 
     Args:
         data: The parsed YAML document.
         file: Name for error messages.
+        variables: Values of the template's variables (name to value).
 
     Returns:
         The :class:`Recipe`.
 
     Raises:
-        RecipeError: Naming the first field at fault.
+        RecipeError: Naming the first field at fault (``variables.base`` for a required
+            variable left unset).
     """
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping", file=file)
+    if variables or is_template(data):
+        data = render_variables(data, variables, file=file)
     if "hubmerge" not in data:
         raise RecipeError("missing schema version (add `hubmerge: 1`)", field="hubmerge", file=file)
     try:
@@ -291,11 +581,12 @@ def recipe_from_dict(data: Any, *, file: str | None = None) -> Recipe:
         raise_validation_error(exc, file=file)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, variables: dict[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe file (schema only; see :func:`check_recipe`).
 
     Args:
         path: The YAML file.
+        variables: Values of the recipe's variables, when it is a template.
 
     Returns:
         The :class:`Recipe`.
@@ -308,7 +599,7 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe ({exc.__class__.__name__}: {exc})", file=str(path)) from None
-    return recipe_from_dict(parse_yaml(text, file=str(path)), file=str(path))
+    return recipe_from_dict(parse_yaml(text, file=str(path)), file=str(path), variables=variables)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -350,5 +641,7 @@ def check_recipe(recipe: Recipe, *, file: str | None = None):
             method.check_experts(len(recipe.experts))
         method.check_dtype(getattr(torch, recipe.dtype))
     except MethodInputError as exc:
-        raise RecipeError(str(exc), field="experts" if "experts" in str(exc) else "dtype", file=file) from None
+        field = getattr(exc, "field", None)
+        field = f"params.{field}" if field else ("experts" if "experts" in str(exc) else "dtype")
+        raise RecipeError(str(exc), field=field, file=file) from None
     return method

@@ -449,9 +449,9 @@ def _config_from(cls, data: dict[str, Any] | None):
 
 
 def _build_part(part: Path, domain: str, config: SuiteConfig) -> float:
-    from . import _suite_text, _suite_vision
+    import importlib
 
-    builder = {"vision": _suite_vision.build, "text": _suite_text.build}[domain]
+    builder = importlib.import_module(f"hubmerge._suite_{domain}").build
     staging = part.parent / f".{domain}.building-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -10,6 +10,7 @@ removed by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DTYPE_NAMES, dtype_size
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,39 @@ def check_output_path(target: Path, *, overwrite: bool) -> None:
             raise OutputExistsError(
                 f"{target}: exists and was not written by hubmerge (use --overwrite to replace it)"
             )
+
+
+def confine_output_path(path: Path, *, root: Path | None = None, file: str | None = None) -> Path:
+    """Check that a recipe's relative ``output.path`` stays inside ``root`` once symlinks are resolved.
+
+    A recipe (perhaps downloaded) must not send the output outside the directory hubmerge runs
+    in: ``..`` is refused by the schema, and this refuses a relative path that passes through a
+    symbolic link leading elsewhere. Absolute paths, and paths the user gives (``--output``),
+    are taken as written.
+
+    Args:
+        path: The output path from the recipe.
+        root: The directory relative paths are inside (default: the working directory).
+        file: Recipe file name for the message.
+
+    Returns:
+        ``path`` unchanged.
+
+    Raises:
+        RecipeError: (field ``output.path``) if the path resolves outside ``root``.
+    """
+    from .errors import RecipeError
+
+    if path.is_absolute():
+        return path
+    root = (root or Path.cwd()).resolve()
+    real = (root / path).resolve()
+    if real != root and root not in real.parents:
+        raise RecipeError(
+            f"{path} resolves to {real}, outside {root} (through a symbolic link); pass --output to write there",
+            field="output.path", file=file,
+        )
+    return path
 
 
 def clean_stale_temporaries(parent: Path) -> list[Path]:
@@ -221,13 +255,14 @@ class ShardedWriter:
                 f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the plan "
                 f"({spec.name!r} {spec.shape} {spec.dtype})"
             )
-        if shard_index != self._handle_index:
-            self._close_handle()
-            self._handle = open(self.temp / self.file_names[shard_index], "wb")
-            self._handle.write(safetensors_header(self.shards[shard_index]))
-            self._handle_index = shard_index
         data = tensor_bytes(tensor.cpu())
-        self._handle.write(data)
+        with self._io(self.file_names[shard_index]):
+            if shard_index != self._handle_index:
+                self._close_handle()
+                self._handle = open(self.temp / self.file_names[shard_index], "wb")
+                self._handle.write(safetensors_header(self.shards[shard_index]))
+                self._handle_index = shard_index
+            self._handle.write(data)
         self.bytes_written += data.nbytes
         self._partial += data.nbytes
         if self._partial > spec.nbytes or (last and self._partial != spec.nbytes):
@@ -243,6 +278,16 @@ class ShardedWriter:
             self._handle.close()
             self._handle = None
 
+    @contextlib.contextmanager
+    def _io(self, what: str):
+        """Turn an ``OSError`` (disk full, file too large...) into :class:`OutputWriteError`."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OutputWriteError(f"{self.target}: cannot write the output ({reason}, writing {what}); "
+                                   "the partial output is removed", errno=exc.errno) from exc
+
     def add_file(self, relative: str, content: bytes | str | Path) -> None:
         """Add a file to the output (text, bytes, or a copy of an existing file).
 
@@ -256,13 +301,14 @@ class ShardedWriter:
         dest = (self.temp / relative).resolve()
         if self.temp.resolve() not in dest.parents:
             raise ValueError(f"refusing to write {relative!r} outside the output directory")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
-            shutil.copyfile(content, dest)
-        elif isinstance(content, str):
-            dest.write_text(content, encoding="utf-8")
-        else:
-            dest.write_bytes(content)
+        with self._io(relative):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, dest)
+            elif isinstance(content, str):
+                dest.write_text(content, encoding="utf-8")
+            else:
+                dest.write_bytes(content)
 
     def finish(self) -> Path:
         """Close shards, write the index, and rename the directory into place.
@@ -276,9 +322,10 @@ class ShardedWriter:
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise ValueError(f"merge incomplete: tensor {missing!r} was never written")
-        self._close_handle()
-        if not self.shards:  # a model with no tensors still gets a valid, empty file
-            (self.temp / self.file_names[0]).write_bytes(safetensors_header([]))
+        with self._io(self.file_names[self._handle_index] if self._handle else self.file_names[0]):
+            self._close_handle()
+            if not self.shards:  # a model with no tensors still gets a valid, empty file
+                (self.temp / self.file_names[0]).write_bytes(safetensors_header([]))
         if len(self.shards) > 1:
             weight_map = {s.name: self.file_names[i] for i, s in self._order}
             total = sum(s.nbytes for _, s in self._order)
@@ -296,6 +343,14 @@ class ShardedWriter:
         return self.target
 
     def abort(self) -> None:
-        """Remove the temporary directory; the target is left as it was."""
-        self._close_handle()
+        """Remove the temporary directory; the target is left as it was.
+
+        Never raises for the file being written (a full disk fails its flush too).
+        """
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
         shutil.rmtree(self.temp, ignore_errors=True)

@@ -32,27 +32,51 @@ from typing import Any
 import yaml
 
 #: Widget kinds; the Gradio layer maps each to one component.
-KINDS = ("slider", "number", "integer", "checkbox", "dropdown", "numbers", "strings", "mapping", "text", "yaml")
+KINDS = (
+    "slider",
+    "number",
+    "integer",
+    "checkbox",
+    "dropdown",
+    "numbers",
+    "strings",
+    "mapping",
+    "text",
+    "yaml",
+)
 #: An integer range at most this wide becomes a slider.
 MAX_INT_SLIDER_RANGE = 100
 #: Keys of the non-parameter form fields, used to say which widget an error belongs to.
-FORM_FIELDS = ("method", "base", "experts", "output_repo", "private", "description", "flexmerge_sizes",
-               "dtype", "output_dtype")
+FORM_FIELDS = (
+    "method",
+    "base",
+    "experts",
+    "output_repo",
+    "private",
+    "description",
+    "flexmerge_sizes",
+    "dtype",
+    "output_dtype",
+)
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "float64")
 #: The output-precision dropdown: "" keeps the base model's dtype.
 OUTPUT_DTYPE_CHOICES = ("", "float32", "bfloat16", "float16")
-HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/@\s]+/[^/@\s]+)"
-                     r"(?:/(?:tree|blob|resolve)/(?P<rev>[^/\s]+))?/?$")
+HUB_URL = re.compile(
+    r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/@\s]+/[^/@\s]+)"
+    r"(?:/(?:tree|blob|resolve)/(?P<rev>[^/\s]+))?/?$"
+)
 
 
-# -- schema -> widgets ------------------------------------------------------------------------------------------
+# -- schema -> widgets ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WidgetSpec:
     """One method parameter as a form widget.
 
     Attributes:
         name: The parameter's key in ``params``.
-        label: What the form shows (the schema's title).
+        label: What the form shows: the schema's title, with the start of the description when the
+            title is a bare symbol (``K — Fraction of each task vector's entries kept``).
+        title: The schema's title alone (``K``), for messages.
         kind: One of :data:`KINDS`.
         default: The value the widget starts with (already in the widget's representation:
             lists are comma-separated text, mappings are ``key: value`` text).
@@ -68,6 +92,7 @@ class WidgetSpec:
     name: str
     label: str
     kind: str
+    title: str = ""
     default: Any = None
     schema_default: Any = None
     has_default: bool = False
@@ -122,8 +147,12 @@ def _bounds_text(schema: dict[str, Any]) -> str:
     """The bounds of a number in words: ``Between 0 and 1.``, ``Greater than 0 and at most 1.``"""
     low = [(schema[k], k.startswith("exclusive")) for k in ("minimum", "exclusiveMinimum") if k in schema]
     high = [(schema[k], k.startswith("exclusive")) for k in ("maximum", "exclusiveMaximum") if k in schema]
-    low_text = (f"greater than {_fmt(low[0][0])}" if low[0][1] else f"at least {_fmt(low[0][0])}") if low else ""
-    high_text = (f"less than {_fmt(high[0][0])}" if high[0][1] else f"at most {_fmt(high[0][0])}") if high else ""
+    low_text = (
+        (f"greater than {_fmt(low[0][0])}" if low[0][1] else f"at least {_fmt(low[0][0])}") if low else ""
+    )
+    high_text = (
+        (f"less than {_fmt(high[0][0])}" if high[0][1] else f"at most {_fmt(high[0][0])}") if high else ""
+    )
     if low and high and not low[0][1] and not high[0][1]:
         return f"Between {_fmt(low[0][0])} and {_fmt(high[0][0])}."
     text = " and ".join(t for t in (low_text, high_text) if t)
@@ -135,19 +164,25 @@ def _widget_text(value: Any, kind: str) -> Any:
     if value is None:
         return None if kind in ("slider", "number", "integer") else ""
     if kind in ("numbers", "strings"):
-        return ", ".join(_fmt(v) if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) \
+        return (
+            ", ".join(_fmt(v) if isinstance(v, float) else str(v) for v in value)
+            if isinstance(value, list)
             else str(value)
+        )
     if kind == "mapping":
         if isinstance(value, dict):
-            return ", ".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items())
+            return ", ".join(
+                f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items()
+            )
         return str(value)
     if kind == "yaml":
         return yaml.safe_dump(value, default_flow_style=True).strip() if not isinstance(value, str) else value
     return value
 
 
-def widget_spec(name: str, prop: dict[str, Any], *, required: bool = False,
-                defs: dict[str, Any] | None = None) -> WidgetSpec:
+def widget_spec(
+    name: str, prop: dict[str, Any], *, required: bool = False, defs: dict[str, Any] | None = None
+) -> WidgetSpec:
     """Turn one property of a ``Params`` JSON schema into a :class:`WidgetSpec`.
 
     Args:
@@ -188,8 +223,13 @@ def widget_spec(name: str, prop: dict[str, Any], *, required: bool = False,
             kind = "number"
     elif kind_type == "array":
         items = _resolve_ref(inner.get("items") or {}, defs)
-        kind = "numbers" if items.get("type") in ("number", "integer") else \
-            "strings" if items.get("type") == "string" or "enum" in items else "yaml"
+        kind = (
+            "numbers"
+            if items.get("type") in ("number", "integer")
+            else "strings"
+            if items.get("type") == "string" or "enum" in items
+            else "yaml"
+        )
     elif kind_type == "object":
         kind = "mapping"
     elif kind_type == "string":
@@ -197,8 +237,16 @@ def widget_spec(name: str, prop: dict[str, Any], *, required: bool = False,
     else:
         kind = "yaml"
 
-    label = prop.get("title") or name.replace("_", " ").capitalize()
-    help_parts = [prop.get("description") or inner.get("description") or ""]
+    title = prop.get("title") or name.replace("_", " ").capitalize()
+    label = title
+    description = prop.get("description") or inner.get("description") or ""
+    if len(name) <= 3 and description:  # `k`, `t`, `lr`: say what it is in the label itself
+        plain = re.sub(r"\s*\([^)]*\)", "", description)  # asides in parentheses left out
+        sentences = [x.split(";")[0].strip().rstrip(".") for x in re.split(r"\.\s", plain)]
+        gist = next((x for x in sentences if len(x.split()) >= 3 and not x.endswith(" only")), "")
+        if gist and len(gist) <= 70:
+            label = f"{title} — {gist}"
+    help_parts = [description]
     help_parts.append(_bounds_text(inner))
     if kind == "numbers":
         help_parts.append("Numbers separated by commas, e.g. 0.5, 0.5.")
@@ -219,6 +267,7 @@ def widget_spec(name: str, prop: dict[str, Any], *, required: bool = False,
     return WidgetSpec(
         name=name,
         label=label,
+        title=title,
         kind=kind,
         default=_widget_text(default_value, kind),
         schema_default=schema_default,
@@ -243,8 +292,10 @@ def widget_specs(schema: dict[str, Any]) -> list[WidgetSpec]:
     """
     defs = schema.get("$defs") or schema.get("definitions") or {}
     required = set(schema.get("required") or [])
-    return [widget_spec(name, prop, required=name in required, defs=defs)
-            for name, prop in (schema.get("properties") or {}).items()]
+    return [
+        widget_spec(name, prop, required=name in required, defs=defs)
+        for name, prop in (schema.get("properties") or {}).items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -280,10 +331,11 @@ class MethodInfo:
         if paper:
             lines.append(f"Paper: {paper}")
         plural = "" if self.experts_text in ("at least 1", "exactly 1") else "s"
-        lines.append(f"Needs {self.experts_text} expert{plural}. "
-                     f"Plugin: {self.distribution}.")
+        lines.append(f"Needs {self.experts_text} expert{plural}. Plugin: {self.distribution}.")
         if self.output != "model":
-            lines.append("This method produces per-task deployments; run it with the `hubmerge` command line.")
+            lines.append(
+                "This method produces per-task deployments; run it with the `hubmerge` command line."
+            )
         return "  \n".join(lines)
 
 
@@ -354,16 +406,19 @@ def plain_reason(reason: str) -> str:
             return match.expand(replacement)
     bad_repo = re.match(r"^not a valid Hub repo id: '(.*)'$", reason)
     if bad_repo:
-        return (f"“{bad_repo.group(1)}” is not a Hub repo id; write it as organisation/name, "
-                "e.g. google-bert/bert-base-uncased (add @revision to pin a branch, tag or commit)")
+        return (
+            f"“{bad_repo.group(1)}” is not a Hub repo id; write it as organisation/name, "
+            "e.g. google-bert/bert-base-uncased (add @revision to pin a branch, tag or commit)"
+        )
     bad_rev = re.match(r"^not a valid revision: '(.*)'$", reason)
     if bad_rev:
         return f"“{bad_rev.group(1)}” is not a valid revision (a branch, tag or commit hash)"
     return reason
 
 
-def field_label(path: str | None, params: dict[str, WidgetSpec] | None = None,
-                expert_lines: list[int] | None = None) -> tuple[str, str | None]:
+def field_label(
+    path: str | None, params: dict[str, WidgetSpec] | None = None, expert_lines: list[int] | None = None
+) -> tuple[str, str | None]:
     """Name a recipe field the way the form does, and say which widget holds it.
 
     Args:
@@ -380,7 +435,7 @@ def field_label(path: str | None, params: dict[str, WidgetSpec] | None = None,
     match = re.match(r"^params\.([A-Za-z_][A-Za-z0-9_]*)", path)
     if match:
         spec = params.get(match.group(1))
-        title = spec.label if spec else match.group(1)
+        title = (spec.title or spec.label) if spec else match.group(1)
         return f"Parameter “{title}”", f"param:{match.group(1)}"
     if path == "params":
         return "The parameters", None
@@ -409,8 +464,9 @@ def field_label(path: str | None, params: dict[str, WidgetSpec] | None = None,
     return table.get(path, (path, None))
 
 
-def explain(error: Any, params: dict[str, WidgetSpec] | None = None,
-            expert_lines: list[int] | None = None) -> FieldError:
+def explain(
+    error: Any, params: dict[str, WidgetSpec] | None = None, expert_lines: list[int] | None = None
+) -> FieldError:
     """Word a :class:`~hubmerge.errors.RecipeError` (or any error with ``field``/``reason``) for the form.
 
     Args:
@@ -550,8 +606,9 @@ def parse_mapping(text: str) -> dict[str, Any]:
             value = parse_yaml(candidate)
         except ValueError:
             continue
-        if isinstance(value, dict) and all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_][\w.-]*", k)
-                                           for k in value):
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z_][\w.-]*", k) for k in value
+        ):
             return value
     raise ValueError("write key: value pairs separated by commas, e.g. scale: 0.3, k: 0.2")
 
@@ -575,9 +632,9 @@ def param_value(spec: WidgetSpec, value: Any) -> tuple[bool, Any]:
             return False, None
         if isinstance(value, str):
             return True, _number(value.strip())
-        if spec.kind == "integer" or (spec.kind == "slider" and spec.step == 1):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
+        whole = spec.kind == "integer" or (spec.kind == "slider" and spec.step == 1)
+        if whole and isinstance(value, float) and value.is_integer():
+            value = int(value)
         return True, value
     if spec.kind == "checkbox":
         return True, bool(value)
@@ -612,8 +669,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def build_params(specs: list[WidgetSpec] | tuple[WidgetSpec, ...],
-                 values: dict[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
+def build_params(
+    specs: list[WidgetSpec] | tuple[WidgetSpec, ...], values: dict[str, Any]
+) -> tuple[dict[str, Any], list[FieldError]]:
     """The ``params`` mapping from the widgets' values; values equal to the default are left out.
 
     Args:
@@ -632,7 +690,9 @@ def build_params(specs: list[WidgetSpec] | tuple[WidgetSpec, ...],
         try:
             present, value = param_value(spec, values[spec.name])
         except ValueError as exc:
-            errors.append(explain(_Reason(f"params.{spec.name}", getattr(exc, "reason", None) or str(exc)), by_name))
+            errors.append(
+                explain(_Reason(f"params.{spec.name}", getattr(exc, "reason", None) or str(exc)), by_name)
+            )
             continue
         if not present:
             continue
@@ -708,11 +768,19 @@ def build_recipe(form: FormValues, specs: list[WidgetSpec] | tuple[WidgetSpec, .
     if form.description and form.description.strip():
         data["description"] = form.description.strip()
     if not (form.base or "").strip():
-        errors.append(FieldError("base", "Base model: enter the Hub repo of the model the experts were "
-                                            "fine-tuned from, e.g. google-bert/bert-base-uncased.", "base"))
+        errors.append(
+            FieldError(
+                "base",
+                "Base model: enter the Hub repo of the model the experts were "
+                "fine-tuned from, e.g. google-bert/bert-base-uncased.",
+                "base",
+            )
+        )
     data["base"] = parse_model_ref(form.base or "")
     if not experts:
-        errors.append(FieldError("experts", "Experts: enter at least one model repo, one per line.", "experts"))
+        errors.append(
+            FieldError("experts", "Experts: enter at least one model repo, one per line.", "experts")
+        )
     data["experts"] = experts
     data["method"] = form.method
     data["params"] = params
@@ -746,15 +814,18 @@ def form_from_recipe(data: Any, methods: dict[str, MethodInfo]) -> tuple[FormVal
     """
     warnings: list[str] = []
     if not isinstance(data, dict):
-        raise ValueError("a recipe must be a YAML mapping")
+        raise ValueError("a recipe must be a YAML mapping")  # noqa: TRY004 - shown like any malformed recipe
     flex = data.get("flexmerge") or {}
     method = str(data.get("method") or "")
     raw_params = data.get("params") or {}
     if isinstance(flex, dict) and flex.get("inner"):  # the form's method is FlexMerge's inner method
         method, raw_params = str(flex["inner"]), flex.get("inner_params") or raw_params
     if method not in methods:
-        warnings.append(f"method “{method}” is not installed here; pick another one" if method else
-                        "the recipe names no method")
+        warnings.append(
+            f"method “{method}” is not installed here; pick another one"
+            if method
+            else "the recipe names no method"
+        )
         method = next(iter(methods), "")
     specs = {s.name: s for s in methods[method].params} if method in methods else {}
     params: dict[str, Any] = {}

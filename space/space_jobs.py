@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from space_form import BuiltRecipe, FieldError, FormValues, MethodInfo, build_recipe, explain
 
 logger = logging.getLogger("hubmerge.space")
@@ -91,8 +90,11 @@ class Settings:
             (only for a Space run on your own machine).
     """
 
-    workdir: Path = field(default_factory=lambda: Path(os.environ.get("HUBMERGE_SPACE_WORKDIR") or
-                                                        tempfile.mkdtemp(prefix="hubmerge-space-")))
+    workdir: Path = field(
+        default_factory=lambda: Path(
+            os.environ.get("HUBMERGE_SPACE_WORKDIR") or tempfile.mkdtemp(prefix="hubmerge-space-")
+        )
+    )
     use_stored_token: bool = False
 
     def token(self, typed: str | None) -> str | bool | None:
@@ -130,14 +132,16 @@ class JobGate:
                 return None
             kind, since = min(self._running.values(), key=lambda item: item[1])
         seconds = int(time.monotonic() - since)
-        return (f"**Busy:** another {kind} has been running for {seconds} s. This Space runs one job at a time; "
-                "yours is queued and starts by itself when that one finishes — keep this page open.")
+        return (
+            f"**Busy:** another {kind} is running (for {seconds} s so far). This Space runs one job at a "
+            "time; yours is queued and starts by itself when that one finishes — keep this page open."
+        )
 
 
 GATE = JobGate()
 
 
-# -- validate -------------------------------------------------------------------------------------------------
+# -- validate ------------------------------------------------------------------------------------------------
 @dataclass
 class Validation:
     """The outcome of :func:`validate`.
@@ -159,8 +163,9 @@ class Validation:
         return not self.errors and self.recipe is not None
 
 
-def validate(form: FormValues, method: MethodInfo | None, *, token: str | bool | None = False,
-             check_hub: bool = True) -> Validation:
+def validate(
+    form: FormValues, method: MethodInfo | None, *, token: str | bool | None = False, check_hub: bool = True
+) -> Validation:
     """Check the form: schema, method, parameters, FlexMerge sizes, then the inputs on the Hub.
 
     Args:
@@ -177,8 +182,16 @@ def validate(form: FormValues, method: MethodInfo | None, *, token: str | bool |
 
     if method is None:
         built = build_recipe(form, ())
-        return Validation(_yaml(built.data), errors=[FieldError(
-            "method", f"Merge method: “{form.method}” is not installed here; pick one from the list.", "method")])
+        return Validation(
+            _yaml(built.data),
+            errors=[
+                FieldError(
+                    "method",
+                    f"Merge method: “{form.method}” is not installed here; pick one from the list.",
+                    "method",
+                )
+            ],
+        )
     built = build_recipe(form, method.params)
     specs = {s.name: s for s in method.params}
     if built.errors:
@@ -192,9 +205,14 @@ def validate(form: FormValues, method: MethodInfo | None, *, token: str | bool |
         return Validation(_yaml(built.data), errors=[explain(exc, specs, built.expert_lines)])
     result = Validation(recipe_to_yaml(recipe), recipe=recipe)
     if method.output != "model" and recipe.flexmerge is None:
-        result.errors.append(FieldError("method", f"Merge method: {method.name} writes per-task deployments, "
-                                                  "which this Space cannot run yet; use the hubmerge command line.",
-                                        "method"))
+        result.errors.append(
+            FieldError(
+                "method",
+                f"Merge method: {method.name} writes per-task deployments, "
+                "which this Space cannot run yet; use the hubmerge command line.",
+                "method",
+            )
+        )
     if check_hub and result.ok:
         result.errors.extend(check_hub_inputs(recipe, token=token, built=built, specs=specs))
     return result
@@ -217,8 +235,9 @@ def _check_flexmerge(recipe) -> None:
     flexmerge.resolve_inner(recipe.flexmerge, len(recipe.experts), getattr(torch, recipe.dtype))
 
 
-def check_hub_inputs(recipe, *, token: str | bool | None, built: BuiltRecipe | None = None,
-                     specs: dict | None = None) -> list[FieldError]:
+def check_hub_inputs(
+    recipe, *, token: str | bool | None, built: BuiltRecipe | None = None, specs: dict | None = None
+) -> list[FieldError]:
     """Ask the Hub whether the base and every expert (at its revision) exist and can be read.
 
     Args:
@@ -252,15 +271,18 @@ def check_hub_inputs(recipe, *, token: str | bool | None, built: BuiltRecipe | N
             reason = f"{ref.repo} is gated: accept its terms on the Hub, then enter a token of that account"
             errors.append(explain(_Problem(f"{path}.repo", reason), specs, lines))
         except RepositoryNotFoundError:
-            reason = (f"{ref.repo} was not found on the Hub (check the spelling; a private repo needs a token "
-                      "that can read it)")
+            reason = (
+                f"{ref.repo} was not found on the Hub (check the spelling; a private repo needs a token "
+                "that can read it)"
+            )
             errors.append(explain(_Problem(f"{path}.repo", reason), specs, lines))
         except RevisionNotFoundError:
             reason = f"{ref.repo} has no revision “{ref.revision}” (a branch, tag or commit)"
             errors.append(explain(_Problem(f"{path}.revision", reason), specs, lines))
         except (HfHubHTTPError, OSError) as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            reason = f"could not check {ref.repo} on the Hub ({f'HTTP {status}' if status else type(exc).__name__})"
+            why = f"HTTP {status}" if status else type(exc).__name__
+            reason = f"could not check {ref.repo} on the Hub ({why})"
             errors.append(explain(_Problem(f"{path}.repo", reason), specs, lines))
     return errors
 
@@ -275,8 +297,11 @@ class _Problem:
 
 
 # -- merge --------------------------------------------------------------------------------------------------
-STAGES = {"merge": "Merging tensors", "similarity": "FlexMerge: measuring block similarities",
-          "write": "FlexMerge: writing the deployments"}
+STAGES = {
+    "merge": "Merging tensors",
+    "similarity": "FlexMerge: measuring block similarities",
+    "write": "FlexMerge: writing the deployments",
+}
 
 
 def stage_label(stage: str) -> str:
@@ -284,8 +309,10 @@ def stage_label(stage: str) -> str:
     if stage in STAGES:
         return STAGES[stage]
     if "prepass" in stage:
-        return stage.replace("inner prepass", "Inner pre-pass").replace("prepass", "Pre-pass") + \
-            " (global statistics)"
+        return (
+            stage.replace("inner prepass", "Inner pre-pass").replace("prepass", "Pre-pass")
+            + " (global statistics)"
+        )
     return stage
 
 
@@ -347,11 +374,14 @@ class MergeOutcome:
 
 def output_files(directory: Path) -> list[tuple[str, int]]:
     """Relative path and size of every file in an output directory."""
-    return sorted((p.relative_to(directory).as_posix(), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
+    return sorted(
+        (p.relative_to(directory).as_posix(), p.stat().st_size) for p in directory.rglob("*") if p.is_file()
+    )
 
 
-def run_merge(recipe, *, settings: Settings, token: str | None,
-              progress: Callable[[Any], None] | None = None) -> MergeOutcome:
+def run_merge(
+    recipe, *, settings: Settings, token: str | None, progress: Callable[[Any], None] | None = None
+) -> MergeOutcome:
     """Run a validated recipe here and keep the result for :func:`push`.
 
     Args:
@@ -366,14 +396,14 @@ def run_merge(recipe, *, settings: Settings, token: str | None,
     Raises:
         SpaceError: With a one-line message (no traceback) when the merge fails; nothing is kept.
     """
-    from hubmerge.engine import merge
-
     recipe = _with_namespace(recipe, settings.token(token))
     job_id = uuid.uuid4().hex[:12]
     job_dir = settings.workdir / job_id
     target = job_dir / recipe.name
     started = time.perf_counter()
     try:
+        from hubmerge.engine import merge
+
         job_dir.mkdir(parents=True, exist_ok=False)
         if recipe.flexmerge is not None:
             from hubmerge.flexmerge import run_flexmerge
@@ -396,13 +426,17 @@ def run_merge(recipe, *, settings: Settings, token: str | None,
     size = sum(s for _, s in files)
     seconds = time.perf_counter() - started
     if kind == "model":
-        summary = (f"Merged {result.tensors} tensors with **{recipe.method}** on `{result.device}` in "
-                   f"{seconds:.1f} s: read {human_bytes(result.bytes_read)}, wrote {human_bytes(size)} "
-                   f"in {len(files)} files.")
+        summary = (
+            f"Merged {result.tensors} tensors with **{recipe.method}** on `{result.device}` in "
+            f"{seconds:.1f} s: read {human_bytes(result.bytes_read)}, wrote {human_bytes(size)} "
+            f"in {len(files)} files."
+        )
     else:
         sizes = ", ".join(f"size {d.size.label}: {human_bytes(d.storage_bytes)}" for d in result.deployments)
-        summary = (f"FlexMerge wrote {len(result.deployments)} deployments ({sizes}) with **{recipe.method}** "
-                   f"inside each group, on `{result.device}` in {seconds:.1f} s; {human_bytes(size)} in all.")
+        summary = (
+            f"FlexMerge wrote {len(result.deployments)} deployments ({sizes}) with **{recipe.method}** "
+            f"inside each group, on `{result.device}` in {seconds:.1f} s; {human_bytes(size)} in all."
+        )
     card = (directory / "README.md").read_text(encoding="utf-8")
     return MergeOutcome(job_id, kind, directory, card, size, files, summary)
 
@@ -430,7 +464,7 @@ def _is_expected(exc: BaseException) -> bool:
     return isinstance(exc, (HubmergeError, SpaceError))
 
 
-# -- FlexMerge cards ------------------------------------------------------------------------------------------
+# -- FlexMerge cards -----------------------------------------------------------------------------------------
 def _pinned_inputs(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
     """Base and experts (pinned) from an output's ``hubmerge_recipe.yaml``, described as the card wants."""
     from huggingface_hub import try_to_load_from_cache
@@ -470,22 +504,32 @@ def flexmerge_card(result, *, repo_id: str | None, size: Any = None) -> str:
     registered = registered_methods().get(result.inner.name)
     rows = ["| size | branch | merges | stored | model-equivalents |", "|---|---|---|---|---|"]
     for plan in result.deployments:
-        rows.append(f"| {plan.size.label} | `{plan.size.directory}` | {plan.merges} | "
-                    f"{human_bytes(plan.storage_bytes)} | {plan.model_equivalents:.3f} |")
+        rows.append(
+            f"| {plan.size.label} | `{plan.size.directory}` | {plan.merges} | "
+            f"{human_bytes(plan.storage_bytes)} | {plan.model_equivalents:.3f} |"
+        )
     load_id = repo_id or "path/to/this/repo"
     first = size or result.deployments[0]
-    usage = ("from hubmerge import load_task_model\n\n"
-             f'model = load_task_model("{load_id}", "{result.tasks[0]}", revision="{first.size.directory}")'
-             "\n# tasks: " + ", ".join(result.tasks))
-    body = ("FlexMerge keeps a different number of merged groups per block for each size; size 1 is one "
-            f"merged model, size {len(result.tasks)} keeps every expert. Each deployment is on its own branch "
-            "and rebuilds any task's model with `hubmerge.load_task_model`.\n\n" + "\n".join(rows))
+    usage = (
+        "from hubmerge import load_task_model\n\n"
+        f'model = load_task_model("{load_id}", "{result.tasks[0]}", revision="{first.size.directory}")'
+        "\n# tasks: " + ", ".join(result.tasks)
+    )
+    body = (
+        "FlexMerge keeps a different number of merged groups per block for each size; size 1 is one "
+        f"merged model, size {len(result.tasks)} keeps every expert. Each deployment is on its own branch "
+        "and rebuilds any task's model with `hubmerge.load_task_model`.\n\n" + "\n".join(rows)
+    )
     description = recipe.description or (
-        f"FlexMerge deployment of size {size.size.label} of {len(result.tasks)} models." if size else
-        f"FlexMerge deployments of {len(result.tasks)} models, from one merged model to every expert kept.")
+        f"FlexMerge deployment of size {size.size.label} of {len(result.tasks)} models."
+        if size
+        else f"FlexMerge deployments of {len(result.tasks)} models, from one merged model to every expert."
+    )
     inputs = CardInputs(
         name=recipe.name,
-        method=type(result.inner.make(2)).describe() if hasattr(result.inner, "make") else {"name": recipe.method},
+        method=type(result.inner.make(2)).describe()
+        if hasattr(result.inner, "make")
+        else {"name": recipe.method},
         params=dict(result.inner.params),
         plugin=f"`{registered.plugin}` from {registered.distribution}" if registered else "?",
         base=base,
@@ -501,7 +545,7 @@ def flexmerge_card(result, *, repo_id: str | None, size: Any = None) -> str:
     return str(build_card(inputs))
 
 
-# -- push -----------------------------------------------------------------------------------------------------
+# -- push ----------------------------------------------------------------------------------------------------
 @dataclass
 class PushOutcome:
     """What :func:`push` shows."""
@@ -512,7 +556,9 @@ class PushOutcome:
     card: str
 
 
-def push(job_id: str | None, repo: str, *, private: bool, token: str | None, settings: Settings) -> PushOutcome:
+def push(
+    job_id: str | None, repo: str, *, private: bool, token: str | None, settings: Settings
+) -> PushOutcome:
     """Publish a kept merge to ``repo`` (``name`` alone: the token owner's namespace).
 
     Args:
@@ -536,13 +582,17 @@ def push(job_id: str | None, repo: str, *, private: bool, token: str | None, set
 
     kept = RESULTS.get(job_id)
     if kept is None:
-        raise SpaceError("Nothing to push yet: press Merge first (results are kept for a while, then removed).")
+        raise SpaceError(
+            "Nothing to push yet: press Merge first (results are kept for a while, then removed)."
+        )
     hub_token = settings.token(token)
     if hub_token is False:
         raise SpaceError(f"Enter a Hugging Face access token with write access to push ({TOKEN_URL}).")
     repo = (repo or "").strip().strip("/")
     if not repo:
-        raise SpaceError("Output repo: enter the name of the repo to create, e.g. my-merge or my-org/my-merge.")
+        raise SpaceError(
+            "Output repo: enter the name of the repo to create, e.g. my-merge or my-org/my-merge."
+        )
     api = HfApi()
     try:
         if "/" not in repo:
@@ -568,7 +618,9 @@ def push(job_id: str | None, repo: str, *, private: bool, token: str | None, set
             _delete_quietly(api, repo, hub_token)
         if not _is_expected(exc):
             logger.exception("push failed")
-        raise SpaceError(one_line(exc, token) + ("" if existed else " Nothing was left on the Hub.")) from None
+        raise SpaceError(
+            one_line(exc, token) + ("" if existed else " Nothing was left on the Hub.")
+        ) from None
     card = (kept.directory / "README.md").read_text(encoding="utf-8")
     return PushOutcome(repo, f"{hub_endpoint()}/{repo}", commit, card)
 
@@ -590,17 +642,30 @@ def _push_flexmerge(result, repo: str, *, private: bool, token) -> str:
         for path in root.iterdir():
             if path.is_file():
                 shutil.copy2(path, Path(staging) / path.name)
-        commit = push_folder(staging, repo, private=private, token=token,
-                             commit_message=f"hubmerge: FlexMerge of {len(result.tasks)} models")
+        commit = push_folder(
+            staging,
+            repo,
+            private=private,
+            token=token,
+            commit_message=f"hubmerge: FlexMerge of {len(result.tasks)} models",
+        )
     for plan in result.deployments:
         directory = root / plan.size.directory
-        (directory / "README.md").write_text(flexmerge_card(result, repo_id=repo, size=plan), encoding="utf-8")
-        push_folder(directory, repo, private=private, token=token, revision=plan.size.directory,
-                    commit_message=f"hubmerge: FlexMerge deployment {plan.size.directory}")
+        (directory / "README.md").write_text(
+            flexmerge_card(result, repo_id=repo, size=plan), encoding="utf-8"
+        )
+        push_folder(
+            directory,
+            repo,
+            private=private,
+            token=token,
+            revision=plan.size.directory,
+            commit_message=f"hubmerge: FlexMerge deployment {plan.size.directory}",
+        )
     return commit
 
 
-# -- presentation helpers ---------------------------------------------------------------------------------------
+# -- presentation helpers ------------------------------------------------------------------------------------
 def card_preview(card: str) -> str:
     """A model card as Markdown for the preview: the YAML header shown as a code block, then the body."""
     text = card.lstrip("\ufeff")
@@ -608,7 +673,7 @@ def card_preview(card: str) -> str:
         end = text.find("\n---", 3)
         if end != -1:
             header = text[3:end].strip("\n")
-            body = text[end + 4:].lstrip("\n")
+            body = text[end + 4 :].lstrip("\n")
             return f"**Card metadata** (the YAML header of README.md)\n\n```yaml\n{header}\n```\n\n{body}"
     return text
 

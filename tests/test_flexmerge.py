@@ -561,3 +561,55 @@ def test_each_size_directory_is_self_contained(ta_run):
     assert [d["directory"] for d in summary["deployments"]] == ["size-1", "size-1.5", "size-2", "size-3"]
     curve = [s["storage_bytes"] for s in summary["merge_order"]]
     assert curve == sorted(curve, reverse=True)
+
+
+def test_gram_statistics_add_up_over_row_blocks():
+    from hubmerge.flexmerge import BlockGram, tensor_gram
+    from hubmerge.method import TensorGroup
+
+    deltas = torch.randn(3, 70000, 5, generator=torch.Generator().manual_seed(0))
+    gram = BlockGram({"w": "b"})
+    assert gram.elementwise  # the engine may stream large tensors in row blocks
+    whole = gram.observe(0, TensorGroup("w", torch.zeros(70000, 5), deltas))["gram:b"]
+    parts = sum(gram.observe(0, TensorGroup("w", torch.zeros(r1 - r0, 5), deltas[:, r0:r1], rows=(r0, r1)))["gram:b"]
+                for r0, r1 in ((0, 30000), (30000, 70000)))
+    torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-3)  # float32 products, float64 sums
+    exact = deltas.reshape(3, -1).double() @ deltas.reshape(3, -1).double().T
+    torch.testing.assert_close(tensor_gram(deltas), exact, rtol=1e-5, atol=1e-3)
+
+
+def test_cli_run_dispatch(tiny_models, tmp_path, capsys):
+    import argparse
+
+    from hubmerge.cli.flexmerge_commands import run_recipe
+
+    _need("task_arithmetic")
+    out = tmp_path / "o"
+    recipe = _recipe(tmp_path, tiny_models, ["e0", "e1"], out, sizes=[1, 2])
+    args = argparse.Namespace(recipe=str(tmp_path / "r.yaml"), output=None, device=None, overwrite=False,
+                              dry_run=True, no_progress=True, push=False, repo=None)
+    assert run_recipe(args, recipe) == 0
+    assert "size 2: ->" in capsys.readouterr().out and not out.exists()
+    args.dry_run = False
+    assert run_recipe(args, recipe) == 0
+    printed = capsys.readouterr().out
+    assert "size-1" in printed and "size-2" in printed and (out / "size-2" / "deployment.json").is_file()
+
+
+def test_deployment_pushed_as_a_branch_loads_from_the_hub(ta_run, local_hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    from hubmerge.hub import push_folder
+
+    result, out = ta_run
+    repo = HfApi().create_repo(f"flexmerge-{tmp_path.name[-12:]}").repo_id
+    push_folder(out / "size-2", repo)
+    push_folder(out / "size-1", repo, revision="size-1")
+    ids = torch.randint(0, 99, (1, 5), generator=torch.Generator().manual_seed(1))
+    for revision, local in ((None, out / "size-2"), ("size-1", out / "size-1")):
+        remote = load_task_model(repo, "e1", revision=revision)
+        with torch.no_grad():
+            torch.testing.assert_close(remote(ids).last_hidden_state,
+                                       load_task_model(local, "e1")(ids).last_hidden_state, rtol=0, atol=0)
+    exported = export_task(f"{repo}@size-1", "e0", tmp_path / "x")
+    assert torch.equal(_state(exported)["pooler.dense.weight"], Deployment(out / "size-1").tensor("e0", "pooler.dense.weight"))

@@ -26,25 +26,32 @@ pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 if not CHROMIUM.exists():
-    pytest.skip("Debian's Chromium is not installed (/usr/bin/chromium; apt-get install chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        "Debian's Chromium is not installed (/usr/bin/chromium; apt-get install chromium)",
+        allow_module_level=True,
+    )
 pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 pytest.importorskip("gradio", reason="gradio is not installed (pip install hubmerge[space])")
 
 pytest_plugins = ["hubmerge.localhub.pytest_plugin"]
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from helpers import make_base, make_expert
+from playwright.sync_api import Page, expect, sync_playwright
 
-from helpers import make_base, make_expert  # noqa: E402
-from hubmerge.localhub.testing import configure_client_env, find_free_port  # noqa: E402
+from hubmerge.localhub.testing import configure_client_env, find_free_port
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 START_TIMEOUT = 120
 JOB_TIMEOUT = 120_000  # ms
 #: WUDI's Adam steps per linear layer: ~80 µs each on the tiny BERT's 13 linear layers, so a merge takes
 #: seconds -- long enough to watch its progress and to overlap a second visitor's merge.
-SLOW_STEPS = {"progress": "3000", "busy": "6000"}
+SLOW_STEPS = {"progress": "6000", "busy": "8000"}
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +62,29 @@ def hub_models(local_hub, tmp_path_factory) -> dict[str, str]:
     prefix = f"{local_hub.username}/space-{uuid.uuid4().hex[:6]}"
     base = make_base(root / "base")
     repos = {}
-    for key, folder in [("base", base), ("expert-a", make_expert(base, root / "a", seed=1)),
-                        ("expert-b", make_expert(base, root / "b", seed=2))]:
+    for key, folder in [
+        ("base", base),
+        ("expert-a", make_expert(base, root / "a", seed=1)),
+        ("expert-b", make_expert(base, root / "b", seed=2)),
+        ("other-shape", make_other_shape(root / "other")),
+    ]:
         repo = f"{prefix}-{key}"
         api.create_repo(repo)
         api.upload_folder(repo_id=repo, folder_path=folder)
         repos[key] = repo
     return repos
+
+
+def make_other_shape(directory: Path) -> Path:
+    """A BERT of another width: it exists on the Hub, but it is no fine-tune of the base."""
+    from transformers import BertModel
+
+    from helpers import tiny_bert_config
+
+    config = tiny_bert_config()
+    config.hidden_size, config.intermediate_size = 16, 20
+    BertModel(config).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +93,47 @@ def space(local_hub, hub_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("space_app")
     recipes = root / "recipes"
     recipes.mkdir()
-    (recipes / "ties-example.yaml").write_text(yaml.safe_dump({
-        "hubmerge": 1, "name": "ties-example", "base": hub_models["base"],
-        "experts": [hub_models["expert-a"], hub_models["expert-b"]], "method": "ties",
-        "params": {"k": 0.4, "scope": "tensor"}, "output": {"repo": "ties-example"},
-    }, sort_keys=False))
+    (recipes / "ties-example.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hubmerge": 1,
+                "name": "ties-example",
+                "base": hub_models["base"],
+                "experts": [hub_models["expert-a"], hub_models["expert-b"]],
+                "method": "ties",
+                "params": {"k": 0.4, "scope": "tensor"},
+                "output": {"repo": "ties-example"},
+            },
+            sort_keys=False,
+        )
+    )
     env = dict(os.environ)
     configure_client_env(port=local_hub.port, token=local_hub.token, hf_home=root / "hf-home", environ=env)
     env.pop("HF_TOKEN", None)  # the visitor types the token; the Space has none of its own
-    env.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(root / "gradio"),
-               HUBMERGE_SPACE_WORKDIR=str(root / "work"), HUBMERGE_SPACE_RECIPES=str(recipes),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_TEMP_DIR=str(root / "gradio"),
+        HUBMERGE_SPACE_WORKDIR=str(root / "work"),
+        HUBMERGE_SPACE_RECIPES=str(recipes),
+        PYTHONUNBUFFERED="1",
+    )
     port = find_free_port()
     log = (root / "space.log").open("wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "space" / "app.py"), "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "space" / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"the Space exited with {proc.returncode}:\n{(root / 'space.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"the Space exited with {proc.returncode}:\n{(root / 'space.log').read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -98,7 +141,9 @@ def space(local_hub, hub_models, tmp_path_factory) -> dict:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the Space did not start in {START_TIMEOUT}s:\n{(root / 'space.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"no Space after {START_TIMEOUT}s:\n{(root / 'space.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield {"url": url, "log": root / "space.log", "token": local_hub.token, "user": local_hub.username}
     finally:
@@ -114,7 +159,9 @@ def space(local_hub, hub_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
         yield chromium
         chromium.close()
 
@@ -180,8 +227,13 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     page.locator("#hm-validate").click()
     expect(status(page)).to_contain_text("The recipe is valid", timeout=JOB_TIMEOUT)
     yaml_box = page.locator("#hm-yaml")
-    for text in ("method: wudi", f"steps: {SLOW_STEPS['progress']}", "nonlinear: mean", "balance: false",
-                 hub_models["expert-b"]):
+    for text in (
+        "method: wudi",
+        f"steps: {SLOW_STEPS['progress']}",
+        "nonlinear: mean",
+        "balance: false",
+        hub_models["expert-b"],
+    ):
         expect(yaml_box).to_contain_text(text)
     shoot(page, shots / "1-checked.png")
     with page.expect_download() as download:
@@ -195,12 +247,16 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     page.evaluate("""() => {
         window.__progress = [];
         new MutationObserver(() => {
-            const text = document.querySelector('#hm-status')?.innerText || '';
+            const text = document.querySelector('#hm-progress')?.innerText || '';
             if (/tensor \\d+ of \\d+/.test(text)) window.__progress.push(text);
         }).observe(document.body, {subtree: true, childList: true, characterData: true});
     }""")
     page.locator("#hm-merge").click()
+    expect(page.locator("#hm-progress")).to_contain_text(re.compile(r"tensor \d+ of 39"), timeout=JOB_TIMEOUT)
+    expect(status(page)).to_contain_text("Merging on this Space")
+    shoot(page, shots / "2-merging.png")
     expect(status(page)).to_contain_text("Merged 39 tensors with wudi", timeout=JOB_TIMEOUT)
+    expect(page.locator("#hm-progress")).to_be_hidden()
     progress = page.evaluate("window.__progress")
     assert progress, "no progress was shown during the merge"
     assert any("Merging tensors: tensor" in p for p in progress)
@@ -210,11 +266,11 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     expect(card).to_contain_text("Merged in a browser test.")
     expect(card).to_contain_text(hub_models["expert-a"])
     expect(page.locator("#hm-push")).to_be_enabled()
-    main_screen = shoot(page, shots / "2-merged.png")
+    main_screen = shoot(page, shots / "3-merged.png")
     page.get_by_role("tab", name="Output files").click()
     expect(page.locator("#hm-files")).to_contain_text("Output size:")
     expect(page.locator("#hm-files")).to_contain_text("model.safetensors")
-    shoot(page, shots / "3-files.png")
+    shoot(page, shots / "4-files.png")
 
     # Push: the repo link is shown
     page.locator("#hm-push").click()
@@ -222,7 +278,7 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     repo_id = f"{space['user']}/{name}"
     link = status(page).get_by_role("link", name=repo_id, exact=True)
     expect(link).to_have_attribute("href", re.compile(re.escape(repo_id) + "$"))
-    shoot(page, shots / "4-pushed.png")
+    shoot(page, shots / "5-pushed.png")
     (ROOT / "docs").mkdir(exist_ok=True)
     shutil.copy(main_screen, ROOT / "docs" / "space.png")
 
@@ -234,7 +290,10 @@ def test_build_merge_and_push_like_a_person(page, space, hub_models, tmp_path):
     assert card_data.base_model_relation == "merge"
     assert "wudi" in card_data.tags
     resolved = yaml.safe_load(Path(hf_hub_download(repo_id, "hubmerge_recipe.yaml")).read_text())
-    assert resolved["params"]["steps"] == int(SLOW_STEPS["progress"]) and resolved["params"]["nonlinear"] == "mean"
+    assert (
+        resolved["params"]["steps"] == int(SLOW_STEPS["progress"])
+        and resolved["params"]["nonlinear"] == "mean"
+    )
     readme = Path(hf_hub_download(repo_id, "README.md")).read_text()
     assert space["token"] not in readme
     assert space["token"] not in page.content()
@@ -262,7 +321,9 @@ def test_bad_parameter_is_shown_on_its_field(page, space, hub_models, tmp_path):
 
     # fixed parameter, but a typo in the second expert: that line is named and the box highlighted
     set_slider(k, "0.3")
-    page.get_by_label("Experts (one per line)").fill(f"{hub_models['expert-a']}\n{hub_models['expert-b']}-typo")
+    page.get_by_label("Experts (one per line)").fill(
+        f"{hub_models['expert-a']}\n{hub_models['expert-b']}-typo"
+    )
     page.locator("#hm-validate").click()
     expect(message).to_contain_text("Expert 2 (line 2 of the experts box)", timeout=JOB_TIMEOUT)
     expect(message).to_contain_text("was not found on the Hub")
@@ -278,7 +339,8 @@ def test_example_recipe_fills_the_form(page, space, hub_models, tmp_path):
     page.locator("#hm-load").click()
     expect(page.get_by_label("Base model")).to_have_value(hub_models["base"])
     expect(page.get_by_label("Experts (one per line)")).to_have_value(
-        f"{hub_models['expert-a']}\n{hub_models['expert-b']}")
+        f"{hub_models['expert-a']}\n{hub_models['expert-b']}"
+    )
     expect(page.locator("#hm-method-info")).to_contain_text("ties")
     expect(page.locator("#hm-param-k input[type=number]")).to_have_value("0.4")
     expect(page.locator("#hm-param-scope input")).to_have_value("tensor")
@@ -305,7 +367,9 @@ def test_second_merge_waits_and_says_busy(browser, space, hub_models, tmp_path):
         first.locator("#hm-param-steps input").fill(SLOW_STEPS["busy"])
         pick_method(second, "ties")
         first.locator("#hm-merge").click()
-        expect(status(first)).to_contain_text(re.compile(r"tensor \d+ of \d+"), timeout=JOB_TIMEOUT)
+        expect(first.locator("#hm-progress")).to_contain_text(
+            re.compile(r"tensor \d+ of \d+"), timeout=JOB_TIMEOUT
+        )
         second.locator("#hm-merge").click()
         expect(status(second)).to_contain_text("Busy: another merge")
         expect(status(second)).to_contain_text("one job at a time")
@@ -315,3 +379,18 @@ def test_second_merge_waits_and_says_busy(browser, space, hub_models, tmp_path):
     finally:
         for page in pages:
             page.context.close()
+
+
+def test_failed_merge_shows_one_line(page, space, hub_models, tmp_path):
+    page.get_by_label("Base model").fill(hub_models["base"])
+    page.get_by_label("Experts (one per line)").fill(f"{hub_models['expert-a']}\n{hub_models['other-shape']}")
+    page.get_by_label("Output repo").fill(f"never-{uuid.uuid4().hex[:6]}")
+    page.locator("#hm-merge").click()
+    message = status(page)
+    expect(message).to_contain_text("The merge failed:", timeout=JOB_TIMEOUT)
+    text = message.inner_text()
+    assert "Traceback" not in text and len([line for line in text.splitlines() if line.strip()]) == 1
+    assert "other-shape" in text
+    expect(page.locator("#hm-push")).to_be_disabled()
+    expect(page.locator("#hm-progress")).to_be_hidden()
+    shoot(page, tmp_path / "screenshots" / "failed-merge.png")

@@ -13,18 +13,20 @@ from pydantic import Field
 SPACE = Path(__file__).resolve().parents[1] / "space"
 sys.path.insert(0, str(SPACE))
 
-import space_form as sf  # noqa: E402
+import space_form as sf
 
-from hubmerge.errors import RecipeError  # noqa: E402
-from hubmerge.method import MergeMethod, Params  # noqa: E402
-from hubmerge.plugins import RegisteredMethod, registered_methods  # noqa: E402
-from hubmerge.recipe import check_recipe, recipe_from_dict  # noqa: E402
+from hubmerge.errors import RecipeError
+from hubmerge.method import MergeMethod, Params
+from hubmerge.plugins import RegisteredMethod, registered_methods
+from hubmerge.recipe import check_recipe, recipe_from_dict
 
 METHODS = sf.method_infos(registered_methods())
 
 
 def _experts_for(info: sf.MethodInfo) -> str:
-    return "\n".join(f"org/expert-{i}" for i in range(max(info.min_experts, 2 if info.max_experts != 1 else 1)))
+    return "\n".join(
+        f"org/expert-{i}" for i in range(max(info.min_experts, 2 if info.max_experts != 1 else 1))
+    )
 
 
 def _validate(form: sf.FormValues, info: sf.MethodInfo):
@@ -70,8 +72,13 @@ def test_every_installed_method_gets_a_widget_per_parameter(name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_defaults_of_every_method_make_a_valid_recipe(name):
     info = METHODS[name]
-    form = sf.FormValues(method=name, params={s.name: s.default for s in info.params}, base="org/base",
-                         experts=_experts_for(info), output_repo="me/merged")
+    form = sf.FormValues(
+        method=name,
+        params={s.name: s.default for s in info.params},
+        base="org/base",
+        experts=_experts_for(info),
+        output_repo="me/merged",
+    )
     recipe, built = _validate(form, info)
     assert built.data["params"] == {}  # the defaults are left to the method
     assert recipe.method == name and recipe.output.repo == "me/merged" and recipe.name == "merged"
@@ -100,7 +107,10 @@ class EveryKind(Params):
 def test_schema_types_become_typed_widgets():
     specs = {s.name: s for s in sf.widget_specs(EveryKind.model_json_schema())}
     assert specs["ratio"].kind == "slider" and (specs["ratio"].minimum, specs["ratio"].maximum) == (0, 1)
-    assert "Greater than 0 and at most 1." in specs["ratio"].info and "A bounded fraction." in specs["ratio"].info
+    assert (
+        "Greater than 0 and at most 1." in specs["ratio"].info
+        and "A bounded fraction." in specs["ratio"].info
+    )
     assert specs["scale"].kind == "number" and specs["scale"].default == 1.0
     assert specs["steps"].kind == "integer" and "At least 0." in specs["steps"].info
     assert specs["small"].kind == "slider" and specs["small"].step == 1
@@ -116,17 +126,44 @@ def test_schema_types_become_typed_widgets():
     assert specs["required_thing"].kind == "text" and not specs["required_thing"].optional
 
 
+def test_bare_symbols_are_explained_in_their_label():
+    k = next(s for s in METHODS["ties"].params if s.name == "k")
+    assert k.title == "K" and k.label == "K — Fraction of each task vector's entries kept"
+    scale = next(s for s in METHODS["ties"].params if s.name == "scale")
+    assert scale.label == scale.title == "Scale"
+
+
 def test_widget_values_become_parameter_values():
     specs = sf.widget_specs(EveryKind.model_json_schema())
-    params, errors = sf.build_params(specs, {
-        "ratio": 0.5, "scale": 1.0, "steps": 12.0, "small": 3, "flag": False, "mode": "a", "colour": "red",
-        "weights": "0.5, 1, 2.5", "names": "x, y", "inner": "scale: 0.3, k: 0.2", "maybe": None,
-        "required_thing": "hello",
-    })
+    params, errors = sf.build_params(
+        specs,
+        {
+            "ratio": 0.5,
+            "scale": 1.0,
+            "steps": 12.0,
+            "small": 3,
+            "flag": False,
+            "mode": "a",
+            "colour": "red",
+            "weights": "0.5, 1, 2.5",
+            "names": "x, y",
+            "inner": "scale: 0.3, k: 0.2",
+            "maybe": None,
+            "required_thing": "hello",
+        },
+    )
     assert not errors
-    assert params == {"ratio": 0.5, "steps": 12, "flag": False, "mode": "a", "colour": "red",
-                      "weights": [0.5, 1, 2.5], "names": ["x", "y"], "inner": {"scale": 0.3, "k": 0.2},
-                      "required_thing": "hello"}
+    assert params == {
+        "ratio": 0.5,
+        "steps": 12,
+        "flag": False,
+        "mode": "a",
+        "colour": "red",
+        "weights": [0.5, 1, 2.5],
+        "names": ["x", "y"],
+        "inner": {"scale": 0.3, "k": 0.2},
+        "required_thing": "hello",
+    }
     assert isinstance(params["steps"], int)
     EveryKind.model_validate(params)
 
@@ -158,13 +195,20 @@ def test_a_newly_registered_method_gets_its_form_without_touching_the_space():
     assert KnobMerge(params).params.strength == 1.5
 
 
-# -- form -> recipe --------------------------------------------------------------------------------------------
+# -- form -> recipe ------------------------------------------------------------------------------------------
 def test_form_values_make_a_recipe():
     info = METHODS["ties"]
-    form = sf.FormValues(method="ties", params={"k": 0.5, "scale": 1.0, "scope": "tensor"},
-                         base="org/base@v1", experts="org/a\n\nhttps://huggingface.co/other/b/tree/main  # note\n",
-                         output_repo="me/my-merge", private=True, description="For tests.", dtype="bfloat16",
-                         output_dtype="float16")
+    form = sf.FormValues(
+        method="ties",
+        params={"k": 0.5, "scale": 1.0, "scope": "tensor"},
+        base="org/base@v1",
+        experts="org/a\n\nhttps://huggingface.co/other/b/tree/main  # note\n",
+        output_repo="me/my-merge",
+        private=True,
+        description="For tests.",
+        dtype="bfloat16",
+        output_dtype="float16",
+    )
     recipe, built = _validate(form, info)
     assert built.data["params"] == {"k": 0.5, "scope": "tensor"}
     assert (recipe.base.repo, recipe.base.revision) == ("org/base", "v1")
@@ -205,8 +249,9 @@ def test_bad_parameter_error_names_params_field():
 
 
 def test_bad_list_item_names_the_parameter():
-    form = sf.FormValues(method="task_arithmetic", params={"weights": "0.5, lots"}, base="org/base",
-                         experts="org/a\norg/b")
+    form = sf.FormValues(
+        method="task_arithmetic", params={"weights": "0.5, lots"}, base="org/base", experts="org/a\norg/b"
+    )
     error = _error(form, METHODS["task_arithmetic"])
     assert error.field.startswith("params.weights") and error.target == "param:weights"
     assert "must be a number" in error.message
@@ -216,7 +261,9 @@ def test_bad_expert_names_its_line():
     form = sf.FormValues(method="ties", base="org/base", experts="org/a\n\nnot a repo!")
     error = _error(form, METHODS["ties"])
     assert error.field == "experts[1].repo" and error.target == "experts"
-    assert error.message.startswith("Expert 2 (line 3 of the experts box): “not a repo!” is not a Hub repo id")
+    assert error.message.startswith(
+        "Expert 2 (line 3 of the experts box): “not a repo!” is not a Hub repo id"
+    )
 
 
 def test_wrong_number_of_experts_points_at_the_experts():
@@ -225,13 +272,16 @@ def test_wrong_number_of_experts_points_at_the_experts():
     assert error.target == "experts" and "exactly 2" in error.message
 
 
-@pytest.mark.parametrize("reason, words", [
-    ("Input should be less than or equal to 1", "must be less than or equal to 1"),
-    ("Input should be a valid integer, got a number with a fractional part", "must be a whole number"),
-    ("Input should be 'global' or 'tensor'", "must be one of 'global' or 'tensor'"),
-    ("unknown field", "is not a parameter of this method"),
-    ("Field required", "is required"),
-])
+@pytest.mark.parametrize(
+    "reason, words",
+    [
+        ("Input should be less than or equal to 1", "must be less than or equal to 1"),
+        ("Input should be a valid integer, got a number with a fractional part", "must be a whole number"),
+        ("Input should be 'global' or 'tensor'", "must be one of 'global' or 'tensor'"),
+        ("unknown field", "is not a parameter of this method"),
+        ("Field required", "is required"),
+    ],
+)
 def test_plain_reasons(reason, words):
     assert sf.plain_reason(reason) == words
 
@@ -239,8 +289,14 @@ def test_plain_reasons(reason, words):
 # -- recipes -> form -----------------------------------------------------------------------------------------
 def test_recipe_round_trips_through_the_form():
     info = METHODS["dare"]
-    form = sf.FormValues(method="dare", params={"density": 0.5, "seed": 3, "combine": "ties", "scale": 0.8},
-                         base="org/base@main", experts="org/a\norg/b", output_repo="me/m", private=True)
+    form = sf.FormValues(
+        method="dare",
+        params={"density": 0.5, "seed": 3, "combine": "ties", "scale": 0.8},
+        base="org/base@main",
+        experts="org/a\norg/b",
+        output_repo="me/m",
+        private=True,
+    )
     _, built = _validate(form, info)
     again, warnings = sf.form_from_recipe(built.data, METHODS)
     assert not warnings
@@ -248,8 +304,14 @@ def test_recipe_round_trips_through_the_form():
 
 
 def test_recipe_with_local_paths_loads_with_warnings():
-    data = {"hubmerge": 1, "name": "x", "base": "org/base", "experts": ["org/a", {"path": "./ckpt/b"}],
-            "method": "ties", "params": {"k": 0.3, "nonsense": 1}}
+    data = {
+        "hubmerge": 1,
+        "name": "x",
+        "base": "org/base",
+        "experts": ["org/a", {"path": "./ckpt/b"}],
+        "method": "ties",
+        "params": {"k": 0.3, "nonsense": 1},
+    }
     form, warnings = sf.form_from_recipe(data, METHODS)
     assert form.experts == "org/a" and form.params == {"k": 0.3}
     assert any("local folder" in w for w in warnings) and any("nonsense" in w for w in warnings)
@@ -270,8 +332,13 @@ def test_recipes_dir_files_fill_the_form(path):
 def test_flexmerge_sizes_map_to_the_recipe():
     assert sf.parse_sizes("") is None and sf.parse_sizes(" all ") == "all"
     assert sf.parse_sizes("1, 2, 1.5x") == [1, 2, "1.5x"]
-    form = sf.FormValues(method="ties", params={"k": 0.5}, base="org/base", experts="org/a\norg/b\norg/c",
-                         flexmerge_sizes="1, 2")
+    form = sf.FormValues(
+        method="ties",
+        params={"k": 0.5},
+        base="org/base",
+        experts="org/a\norg/b\norg/c",
+        flexmerge_sizes="1, 2",
+    )
     built = sf.build_recipe(form, METHODS["ties"].params)
     assert built.data["flexmerge"] == {"sizes": [1, 2], "inner": "ties", "inner_params": {"k": 0.5}}
     assert recipe_from_dict(built.data).flexmerge.sizes == [1, 2]
@@ -279,7 +346,7 @@ def test_flexmerge_sizes_map_to_the_recipe():
     assert back.flexmerge_sizes == "1, 2" and back.params == {"k": 0.5}
 
 
-# -- the CLI command ---------------------------------------------------------------------------------------------
+# -- the CLI command -----------------------------------------------------------------------------------------
 def test_cli_space_command_finds_the_space_and_guards_the_stored_token():
     import argparse
 

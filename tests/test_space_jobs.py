@@ -13,11 +13,11 @@ sys.path.insert(0, str(SPACE))
 
 pytest_plugins = ["hubmerge.localhub.pytest_plugin"]
 
-import space_form as sf  # noqa: E402
-import space_jobs as sj  # noqa: E402
-from helpers import make_base, make_expert  # noqa: E402
+import space_form as sf
+import space_jobs as sj
+from helpers import make_base, make_expert
 
-from hubmerge.plugins import registered_methods  # noqa: E402
+from hubmerge.plugins import registered_methods
 
 METHODS = sf.method_infos(registered_methods())
 
@@ -30,8 +30,11 @@ def hub_models(local_hub, tmp_path_factory):
     prefix = f"{local_hub.username}/jobs-{uuid.uuid4().hex[:6]}"
     base = make_base(root / "base")
     repos = {}
-    for key, folder in [("base", base), ("a", make_expert(base, root / "a", seed=1)),
-                        ("b", make_expert(base, root / "b", seed=2))]:
+    for key, folder in [
+        ("base", base),
+        ("a", make_expert(base, root / "a", seed=1)),
+        ("b", make_expert(base, root / "b", seed=2)),
+    ]:
         repo = f"{prefix}-{key}"
         api.create_repo(repo)
         api.upload_folder(repo_id=repo, folder_path=folder)
@@ -45,7 +48,12 @@ def settings(tmp_path):
 
 
 def _form(models, **changes) -> sf.FormValues:
-    values = dict(method="ties", params={"k": 0.5}, base=models["base"], experts=f"{models['a']}\n{models['b']}")
+    values = {
+        "method": "ties",
+        "params": {"k": 0.5},
+        "base": models["base"],
+        "experts": f"{models['a']}\n{models['b']}",
+    }
     values.update(changes)
     return sf.FormValues(**values)
 
@@ -54,14 +62,16 @@ def test_validate_checks_the_inputs_on_the_hub(hub_models):
     result = sj.validate(_form(hub_models), METHODS["ties"], token=False)
     assert result.ok and "method: ties" in result.yaml and result.recipe.params == {"k": 0.5}
 
-    missing = sj.validate(_form(hub_models, experts=f"{hub_models['a']}\n{hub_models['a']}-nope"), METHODS["ties"],
-                          token=False)
+    missing = sj.validate(
+        _form(hub_models, experts=f"{hub_models['a']}\n{hub_models['a']}-nope"), METHODS["ties"], token=False
+    )
     assert [(e.field, e.target) for e in missing.errors] == [("experts[1].repo", "experts")]
     assert missing.errors[0].message.startswith("Expert 2 (line 2 of the experts box):")
     assert "not found on the Hub" in missing.errors[0].message
 
-    bad_rev = sj.validate(_form(hub_models, base=hub_models["base"] + "@no-such-branch"), METHODS["ties"],
-                          token=False)
+    bad_rev = sj.validate(
+        _form(hub_models, base=hub_models["base"] + "@no-such-branch"), METHODS["ties"], token=False
+    )
     assert [(e.field, e.target) for e in bad_rev.errors] == [("base.revision", "base")]
     assert "no revision “no-such-branch”" in bad_rev.errors[0].message
 
@@ -79,7 +89,9 @@ def test_merge_then_push_publishes_a_card(hub_models, local_hub, settings):
     events = []
     outcome = sj.run_merge(checked.recipe, settings=settings, token="", progress=events.append)
     assert outcome.kind == "model" and outcome.size_bytes > 0
-    assert {"model.safetensors", "README.md", "config.json", "hubmerge_recipe.yaml"} <= {f for f, _ in outcome.files}
+    assert {"model.safetensors", "README.md", "config.json", "hubmerge_recipe.yaml"} <= {
+        f for f, _ in outcome.files
+    }
     assert events and events[-1].stage == "merge" and events[-1].tensors_done == events[-1].tensors_total
     assert "base_model_relation: merge" in outcome.card
     assert "Card metadata" in sj.card_preview(outcome.card)
@@ -140,11 +152,10 @@ def test_failed_push_deletes_the_new_repo(hub_models, local_hub, settings, monke
 
 
 def test_failed_merge_is_one_line_and_leaves_no_output(hub_models, local_hub, tmp_path, settings):
-    from hubmerge.recipe import recipe_from_dict
-
+    from helpers import tiny_bert_config
     from transformers import BertModel
 
-    from helpers import tiny_bert_config
+    from hubmerge.recipe import recipe_from_dict
 
     config = tiny_bert_config()
     config.hidden_size, config.intermediate_size = 16, 20  # not a fine-tune of the base: shapes differ
@@ -153,8 +164,15 @@ def test_failed_merge_is_one_line_and_leaves_no_output(hub_models, local_hub, tm
     repo = f"{local_hub.username}/other-{uuid.uuid4().hex[:6]}"
     local_hub.api().create_repo(repo)
     local_hub.api().upload_folder(repo_id=repo, folder_path=other)
-    recipe = recipe_from_dict({"hubmerge": 1, "name": "broken", "base": {"repo": hub_models["base"]},
-                               "experts": [{"repo": hub_models["a"]}, {"repo": repo}], "method": "ties"})
+    recipe = recipe_from_dict(
+        {
+            "hubmerge": 1,
+            "name": "broken",
+            "base": {"repo": hub_models["base"]},
+            "experts": [{"repo": hub_models["a"]}, {"repo": repo}],
+            "method": "ties",
+        }
+    )
     with pytest.raises(sj.SpaceError) as caught:
         sj.run_merge(recipe, settings=settings, token="")
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
@@ -195,6 +213,10 @@ def test_flexmerge_sizes_run_and_push(hub_models, local_hub, settings):
     card = ModelCard.load(repo)
     assert card.data.base_model_relation == "merge" and "flexmerge" in card.data.tags
 
-    bad = sj.validate(_form(hub_models, method="task_arithmetic", params={}, flexmerge_sizes="1, 5"),
-                      METHODS["task_arithmetic"], token=False, check_hub=False)
+    bad = sj.validate(
+        _form(hub_models, method="task_arithmetic", params={}, flexmerge_sizes="1, 5"),
+        METHODS["task_arithmetic"],
+        token=False,
+        check_hub=False,
+    )
     assert bad.errors[0].target == "flexmerge_sizes" and "FlexMerge sizes" in bad.errors[0].message

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from ..errors import AdapterError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1024 * 1024
+#: Time all of one adapter's regex patterns (``rank_pattern``/``alpha_pattern`` keys, IA3's
+#: ``feedforward_modules``) may spend matching its module names.
+PATTERN_BUDGET_SECONDS = 1.0
 
 #: PEFT types this package expands into task vectors.
 SUPPORTED_TYPES = ("LORA", "IA3")
@@ -165,3 +170,62 @@ def peft_type_name(config) -> str:
     """``"LORA"``, ``"IA3"``... for a PEFT config."""
     peft_type = config.peft_type
     return str(getattr(peft_type, "value", peft_type)).upper()
+
+
+class PatternMatcher:
+    """PEFT's regex rules for module names, matched within a time budget.
+
+    PEFT matches ``rank_pattern``/``alpha_pattern`` keys with ``re.match(rf"(.*\\.)?({key})$", module)``
+    and a string ``feedforward_modules`` with ``re.fullmatch``. The patterns come from the adapter's
+    config, so a hostile one (``(.|.)*Z``: exponential backtracking) could run for hours. The
+    same syntax is matched here with the ``regex`` module (``re``-compatible, a dependency of
+    transformers), whose matches can be timed out: a pattern that exhausts the budget is
+    refused with :class:`AdapterError` instead.
+
+    Args:
+        where: Names the adapter in error messages.
+        budget: Seconds all matches together may take (default :data:`PATTERN_BUDGET_SECONDS`).
+    """
+
+    def __init__(self, where: str, budget: float | None = None):
+        self.where = where
+        self.budget = PATTERN_BUDGET_SECONDS if budget is None else budget
+        self._deadline: float | None = None
+        self._compiled: dict[str, Any] = {}
+
+    def _search(self, pattern: str, text: str, *, anchored_suffix: bool) -> bool:
+        import regex
+
+        key = ("k:" if anchored_suffix else "f:") + pattern
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            try:
+                compiled = regex.compile(rf"(.*\.)?({pattern})$" if anchored_suffix else pattern)
+            except (regex.error, TypeError, ValueError, RecursionError) as exc:
+                raise AdapterError(f"{self.where}: pattern {pattern!r} is not a valid regular expression ({exc})") from None
+            self._compiled[key] = compiled
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.budget
+        remaining = self._deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            found = compiled.match(text, timeout=remaining) if anchored_suffix else compiled.fullmatch(
+                text, timeout=remaining)
+        except TimeoutError:
+            raise AdapterError(
+                f"{self.where}: pattern {pattern!r} takes too long to match module {text!r} (more than "
+                f"{self.budget:g}s for the whole config: a pathological regular expression); refusing the adapter"
+            ) from None
+        return found is not None
+
+    def pattern_key(self, keys: Iterable[str], module: str) -> str:
+        """The first key matching ``module`` (PEFT's ``get_pattern_key``), else ``module`` itself."""
+        for key in keys:
+            if self._search(key, module, anchored_suffix=True):
+                return key
+        return module
+
+    def fullmatch(self, pattern: str, module: str) -> bool:
+        """``re.fullmatch(pattern, module)``, within the budget."""
+        return self._search(pattern, module, anchored_suffix=False)

@@ -9,18 +9,18 @@ storing ``(in, out)`` (``Conv1D``) see ``l`` transposed. The task vector is
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import AdapterError, AdapterMismatchError
+from .config import PatternMatcher
 from .expert import AdapterExpert, Update, transpose
 from .modules import IA3_SUFFIXES, NameMap
 
 
-def is_feedforward(config, module: str) -> bool | None:
+def is_feedforward(config, module: str, matcher: PatternMatcher | None = None) -> bool | None:
     """Whether PEFT treats ``module`` as a feed-forward layer (``IA3Model._check_target_module_feedforward``).
 
     A string ``feedforward_modules`` is a regex that must match the whole module name; a
@@ -29,15 +29,19 @@ def is_feedforward(config, module: str) -> bool | None:
     Args:
         config: The ``peft.IA3Config``.
         module: Module name in the trained model.
+        matcher: Matches a regex within a time budget (shared by one adapter's modules).
 
     Returns:
         The answer, or ``None`` if the config does not say (``feedforward_modules`` unset).
+
+    Raises:
+        AdapterError: If the regex is invalid or pathologically slow.
     """
     patterns = config.feedforward_modules
     if patterns is None:
         return None
     if isinstance(patterns, str):
-        return bool(re.fullmatch(patterns, module))
+        return (matcher or PatternMatcher("IA3 config: feedforward_modules")).fullmatch(patterns, module)
     return any(module.endswith(p) for p in patterns)
 
 
@@ -70,6 +74,7 @@ class IA3Expert(AdapterExpert):
 
     def plan_updates(self, base: Checkpoint, name_map: NameMap) -> dict[str, Update]:
         updates: dict[str, Update] = {}
+        matcher = PatternMatcher(f"adapter {self.label!r}: feedforward_modules")
         for module, roles in self.modules().items():
             where = f"adapter {self.label!r}: IA3 target module {module!r}"
             weight = name_map(f"{module}.weight")
@@ -86,7 +91,7 @@ class IA3Expert(AdapterExpert):
                 raise AdapterMismatchError(
                     f"{where}: ia3_l has shape {list(vshape)}, expected [1, in] or [out, 1]"
                 )
-            feedforward = is_feedforward(self.config, module)
+            feedforward = is_feedforward(self.config, module, matcher)
             by_shape = vshape[0] == 1 if vshape != (1, 1) else feedforward
             if feedforward is None:
                 feedforward = by_shape

@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import AdapterError, AdapterMismatchError
+from .config import PatternMatcher
 from .expert import AdapterExpert, Update, transpose
 from .modules import LORA_SUFFIXES, NameMap
 
@@ -63,7 +64,7 @@ def dora_merged(
     return factor * (weight + delta)
 
 
-def lora_scaling(config, module: str) -> tuple[int, float, float]:
+def lora_scaling(config, module: str, matcher: PatternMatcher | None = None) -> tuple[int, float, float]:
     """Rank, alpha and scaling of one module, with PEFT's ``rank_pattern``/``alpha_pattern`` rules.
 
     A pattern key matches when ``re.match(rf"(.*\\.)?({key})$", module)`` does (PEFT's
@@ -73,15 +74,18 @@ def lora_scaling(config, module: str) -> tuple[int, float, float]:
     Args:
         config: The ``peft.LoraConfig``.
         module: Module name without ``base_model.model.``.
+        matcher: Matches the patterns within a time budget (shared by one adapter's modules).
 
     Returns:
         ``(r, lora_alpha, scaling)``.
-    """
-    from peft.utils.other import get_pattern_key
 
+    Raises:
+        AdapterError: If a pattern is invalid or pathologically slow.
+    """
+    matcher = matcher or PatternMatcher("LoRA config")
     rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.r)
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.lora_alpha)
+    r = rank_pattern.get(matcher.pattern_key(rank_pattern.keys(), module), config.r)
+    alpha = alpha_pattern.get(matcher.pattern_key(alpha_pattern.keys(), module), config.lora_alpha)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     return r, alpha, scaling
 
@@ -161,8 +165,9 @@ class LoraExpert(AdapterExpert):
 
     def plan_updates(self, base: Checkpoint, name_map: NameMap) -> dict[str, Update]:
         updates: dict[str, Update] = {}
+        matcher = PatternMatcher(f"adapter {self.label!r}: rank_pattern/alpha_pattern")
         for module, roles in self.modules().items():
-            r, _, scaling = lora_scaling(self.config, module)
+            r, _, scaling = lora_scaling(self.config, module, matcher)
             weight = name_map(f"{module}.weight")
             if weight not in base.meta:
                 raise AdapterMismatchError(

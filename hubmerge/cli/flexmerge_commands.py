@@ -67,12 +67,9 @@ def _dry_run(args: argparse.Namespace, recipe) -> int:
     import torch
 
     from ..engine import open_inputs, output_specs
-    from ..flexmerge import assign_blocks, compile_block_rules, parse_sizes, resolve_inner
+    from ..flexmerge import assign_blocks, check_flexmerge
 
-    spec = recipe.flexmerge
-    inner = resolve_inner(spec, len(recipe.experts), getattr(torch, recipe.dtype), file=args.recipe)
-    sizes = parse_sizes(spec.sizes, len(recipe.experts), file=args.recipe)
-    rules = compile_block_rules(spec.blocks, file=args.recipe)
+    inner, sizes, rules = check_flexmerge(recipe, file=args.recipe)
     inputs = open_inputs(recipe)
     try:
         out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
@@ -83,7 +80,7 @@ def _dry_run(args: argparse.Namespace, recipe) -> int:
         for expert in inputs.experts:
             print(f"expert: {expert.label} ({type(expert).__name__}) -> {expert.resolved.directory}")
         print(f"blocks: {len(blocks)} ({', '.join(b.name for b in blocks[:6])}{', ...' if len(blocks) > 6 else ''})")
-        passes = 2 + max(inner.make(2).prepasses if len(recipe.experts) > 1 else 0, 0)
+        passes = 2 + (inner.make(2).prepasses if len(recipe.experts) > 1 else 0)
         print(f"passes over the inputs: {passes} ({inputs.bytes_per_pass / 1e6:.1f} MB each)")
         root = Path(args.output or recipe.output.path or "?")
         for size in sizes:

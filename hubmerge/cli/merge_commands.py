@@ -19,12 +19,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_plugins)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file, registered recipe (NAME[@VERSION]) or published merge (org/name[@rev], hub://...)")
     p.add_argument("--schema-only", action="store_true", help="do not resolve the models")
+    _add_set_option(p)
     p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser("run", help="run a merge recipe")
-    p.add_argument("recipe", help="recipe YAML file")
+    p = sub.add_parser("run", help="run a merge recipe, a registered recipe, or re-run a published merge")
+    p.add_argument("recipe", help="recipe YAML file, registered recipe (NAME[@VERSION]) or published merge (org/name[@rev], hub://...)")
+    _add_set_option(p)
     p.add_argument("--output", "-o", help="output directory (overrides output.path)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the recipe)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory hubmerge did not write")
@@ -58,19 +60,27 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_checked(path: str):
-    from ..recipe import check_recipe, load_recipe
+# -- recipe registry (hubmerge.registry): `run`/`validate` take a file, a registered recipe or a Hub repo ------
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="set", action="append", metavar="NAME=VALUE",
+                   help="value of a recipe variable (repeat); `hubmerge recipes show NAME` lists them")
 
-    recipe = load_recipe(path)
-    method = check_recipe(recipe, file=path)
-    return recipe, method
+
+def _load_checked(path: str, assignments: list[str] | None = None):
+    from ..recipe import check_recipe
+    from ..registry import load_recipe_arg, parse_assignments
+
+    loaded = load_recipe_arg(path, variables=parse_assignments(assignments))
+    method = check_recipe(loaded.recipe, file=loaded.file)
+    return loaded.recipe, method
+# -- end recipe registry ---------------------------------------------------------------------------------------
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate schema, method and parameters, then (unless --schema-only) resolve and check inputs."""
     from ..engine import open_inputs
 
-    recipe, method = _load_checked(args.recipe)
+    recipe, method = _load_checked(args.recipe, args.set)
     if not args.schema_only:
         inputs = open_inputs(recipe)
         tensors = len(inputs.base_checkpoint.meta)
@@ -112,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..engine import merge, open_inputs
     from ..writer import plan_shards
 
-    recipe, method = _load_checked(args.recipe)
+    recipe, method = _load_checked(args.recipe, args.set)
     if args.dry_run:
         from ..engine import output_specs
 

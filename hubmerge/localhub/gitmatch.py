@@ -12,9 +12,18 @@ import re
 from dataclasses import dataclass
 
 
-def _translate(glob: str) -> str:
-    """Translate a wildmatch glob (without anchoring decisions) to a regex body."""
-    out: list[str] = []
+#: Token kinds of a compiled pattern.
+_LITERAL, _ONE, _CLASS, _STAR, _ANY, _DIRS = range(6)
+
+
+def _tokens(glob: str) -> list[tuple[int, object]]:
+    """Split a wildmatch glob (without anchoring decisions) into tokens.
+
+    ``**/`` (at the start or after ``/``) matches zero or more whole directories, a trailing
+    ``**`` anything, ``*`` anything but ``/``, ``?`` one character but ``/``, ``[...]`` a
+    character class (``!``/``^`` negate), ``\\x`` the character ``x``.
+    """
+    out: list[tuple[int, object]] = []
     i, n = 0, len(glob)
     while i < n:
         ch = glob[i]
@@ -23,16 +32,17 @@ def _translate(glob: str) -> str:
                 before_ok = i == 0 or glob[i - 1] == "/"
                 after = glob[i + 2 : i + 3]
                 if before_ok and after == "/":
-                    out.append("(?:.*/)?")
+                    out.append((_DIRS, None))
                     i += 3
                     continue
                 if before_ok and after == "":
-                    out.append(".*")
+                    out.append((_ANY, None))
                     i += 2
                     continue
-            out.append("[^/]*")
+            if not out or out[-1][0] != _STAR:  # ``**`` elsewhere is one ``*``
+                out.append((_STAR, None))
         elif ch == "?":
-            out.append("[^/]")
+            out.append((_ONE, None))
         elif ch == "[":
             j = i + 1
             if j < n and glob[j] in "!^":
@@ -42,25 +52,89 @@ def _translate(glob: str) -> str:
             while j < n and glob[j] != "]":
                 j += 1
             if j >= n:
-                out.append(re.escape(ch))
+                out.append((_LITERAL, ch))
             else:
                 body = glob[i + 1 : j]
                 negate = body[:1] in ("!", "^")
                 body = body[1:] if negate else body
                 body = body.replace("\\", "\\\\")
-                out.append(f"[{'^' if negate else ''}{body}]")
+                try:
+                    out.append((_CLASS, re.compile(f"[{'^' if negate else ''}{body}]")))
+                except re.error:  # a malformed class (``[z-a]``) matches nothing
+                    out.append((_CLASS, None))
                 i = j
         elif ch == "\\" and i + 1 < n:
             i += 1
-            out.append(re.escape(glob[i]))
+            out.append((_LITERAL, glob[i]))
         else:
-            out.append(re.escape(ch))
+            out.append((_LITERAL, ch))
         i += 1
-    return "".join(out)
+    return out
 
 
-def compile_wildmatch(pattern: str) -> re.Pattern[str]:
-    """Compile one pattern into a regex matched against a full repo path.
+class Wildmatch:
+    """A compiled wildmatch pattern, matched against whole paths in linear time.
+
+    The matcher follows every way of matching at once (the set of path positions reachable
+    after each token), so it takes ``O(len(tokens) * len(path))`` steps whatever the pattern:
+    a hostile ``.gitignore`` such as ``*a*a*a*a*b`` cannot make the server backtrack for hours,
+    as a regex translation would.
+    """
+
+    def __init__(self, tokens: list[tuple[int, object]]):
+        self.tokens = tokens
+
+    def fullmatch(self, path: str) -> bool:
+        """Whether the pattern matches all of ``path``."""
+        n = len(path)
+        slash_after = [False] * (n + 1)  # position q follows a "/"
+        for q in range(1, n + 1):
+            slash_after[q] = path[q - 1] == "/"
+        positions = {0}
+        for kind, arg in self.tokens:
+            if not positions:
+                return False
+            if kind == _LITERAL:
+                positions = {p + 1 for p in positions if p < n and path[p] == arg}
+            elif kind == _ONE:
+                positions = {p + 1 for p in positions if p < n and path[p] != "/"}
+            elif kind == _CLASS:
+                positions = {p + 1 for p in positions if p < n and arg is not None and arg.match(path[p])}
+            elif kind == _STAR:  # from each start, on until the next "/"
+                reached, active = set(), False
+                for q in range(min(positions), n + 1):
+                    if q in positions:
+                        active = True
+                    elif slash_after[q]:
+                        active = False
+                    if active:
+                        reached.add(q)
+                positions = reached
+            elif kind == _ANY:  # as the regex ".*": anything but a newline
+                reached, active = set(), False
+                for q in range(min(positions), n + 1):
+                    if q in positions:
+                        active = True
+                    elif path[q - 1] == "\n":
+                        active = False
+                    if active:
+                        reached.add(q)
+                positions = reached
+            else:  # _DIRS, as the regex "(?:.*/)?": stay, or jump past any later "/"
+                reached, active = set(positions), False
+                for q in range(min(positions), n + 1):
+                    if active and slash_after[q]:
+                        reached.add(q)
+                    if q in positions:
+                        active = True
+                    if q < n and path[q] == "\n":
+                        active = False
+                positions = reached
+        return n in positions
+
+
+def compile_wildmatch(pattern: str) -> Wildmatch:
+    """Compile one pattern into a matcher for full repo paths.
 
     A pattern with no slash (other than a trailing one) matches a basename at any depth;
     otherwise it is anchored at the repo root.
@@ -69,17 +143,16 @@ def compile_wildmatch(pattern: str) -> re.Pattern[str]:
         pattern: The pattern, without ``!`` and without a trailing ``/``.
 
     Returns:
-        A compiled regex to ``fullmatch`` paths with.
+        A :class:`Wildmatch` to ``fullmatch`` paths with.
     """
     anchored = "/" in pattern
-    pattern = pattern.lstrip("/")
-    body = _translate(pattern)
-    return re.compile(body if anchored else f"(?:.*/)?{body}")
+    tokens = _tokens(pattern.lstrip("/"))
+    return Wildmatch(tokens if anchored else [(_DIRS, None), *tokens])
 
 
 @dataclass(frozen=True)
 class _Rule:
-    regex: re.Pattern[str]
+    regex: Wildmatch
     negate: bool
     dir_only: bool
 
@@ -130,7 +203,7 @@ class GitAttributes:
     """A parsed ``.gitattributes``, reduced to the ``filter=lfs`` attribute."""
 
     def __init__(self, text: str):
-        self._rules: list[tuple[re.Pattern[str], bool]] = []
+        self._rules: list[tuple[Wildmatch, bool]] = []
         for raw in text.splitlines():
             fields = raw.strip().split()
             if not fields or fields[0].startswith("#"):
