@@ -20,7 +20,7 @@ def _optional_modules():
     """Command groups whose modules may be absent in a trimmed install."""
     import importlib
 
-    for name in ("hub_commands", "flexmerge_commands", "space_commands", "demo_commands"):
+    for name in ("hub_commands", "flexmerge_commands", "space_commands", "demo_commands", "registry_commands"):
         try:
             yield importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:

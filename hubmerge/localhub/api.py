@@ -404,6 +404,8 @@ def create_ref(
 ) -> JsonResult:
     """``POST .../branch/{name}`` (``startingPoint``) or ``POST .../tag/{rev}`` (``tag``)."""
     ctx.writable_repo(ref, authed)
+    if revision is not None and not isinstance(revision, str):
+        raise LocalHubRequestError("The starting point must be a revision (a string).")
     ctx.store.create_ref(ref, kind, name, revision)
     return 200, {}
 
@@ -449,7 +451,7 @@ def preupload(
             raise LocalHubRequestError(f"Invalid size for {path}.")
         try:
             sample = base64.b64decode(item.get("sample") or "", validate=True)
-        except (binascii.Error, ValueError):
+        except (binascii.Error, ValueError, TypeError):
             raise LocalHubRequestError(f"Invalid base64 sample for {path}.") from None
         if size == 0:
             mode = "regular"

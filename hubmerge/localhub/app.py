@@ -108,6 +108,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         data = json.loads(body)
     except ValueError:
         raise LocalHubRequestError("Request body is not valid JSON.") from None
+    except RecursionError:
+        raise LocalHubRequestError("Request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise LocalHubRequestError("Request body must be a JSON object.")
     return data
@@ -295,6 +297,12 @@ def create_app(store: RepoStore, auth: TokenAuth, *, username: str = "hubmerge")
 
     def _authed(request: Request) -> bool:
         return ctx.authenticate(request.headers.get("authorization"))
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        from .openapi import openapi_schema
+
+        return JSONResponse(openapi_schema())
 
     @app.get("/api/whoami-v2")
     async def whoami(request: Request) -> Response:

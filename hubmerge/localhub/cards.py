@@ -26,6 +26,45 @@ logger = logging.getLogger(__name__)
 _FRONT_MATTER_RE = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
 _MAX_JSON_FILE = 4 * 1024 * 1024
 _MAX_SAFETENSORS_HEADER = 25_000_000
+#: Card metadata is small: refuse alias blow-ups ("billion laughs") and deep nesting.
+_MAX_YAML_ALIASES = 64
+_MAX_YAML_DEPTH = 32
+_MAX_COUNT = 2**63 - 1
+
+
+class _CardLoader(yaml.SafeLoader):
+    """A safe YAML loader with bounded aliases and nesting (the card comes from any client)."""
+
+    aliases = 0
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D401
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > _MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {_MAX_YAML_ALIASES} YAML aliases")
+        self.depth += 1
+        try:
+            if self.depth > _MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {_MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _json_safe(value: Any) -> Any:
+    """The YAML value as JSON: keys as strings, dates and other scalars as text."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= _MAX_COUNT else str(value)
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -56,13 +95,13 @@ def parse_card_metadata(text: str) -> dict | None:
     if match is None:
         return None
     try:
-        data = yaml.safe_load(match.group(2))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"Invalid YAML in the model card metadata: {exc}") from exc
+        data = yaml.load(match.group(2), Loader=_CardLoader)  # noqa: S506 - a SafeLoader subclass
+    except Exception as exc:  # noqa: BLE001 - YAMLError, and ValueError/IndexError... from bad scalars
+        raise ValueError(f"Invalid YAML in the model card metadata: {exc}"[:1000]) from None
     if data is None:
         return None
     if isinstance(data, dict):
-        return json.loads(json.dumps(data, default=str))
+        return _json_safe(data)
     raise ValueError("The model card metadata must be a YAML mapping.")
 
 
@@ -95,7 +134,7 @@ def _read_json_file(store: RepoStore, commit: Commit, path: str) -> dict | None:
         return None
     try:
         data = json.loads(store.read_blob(entry.sha256))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -108,15 +147,20 @@ def _safetensors_counts(store: RepoStore, sha256: str) -> dict[str, int] | None:
             if length > _MAX_SAFETENSORS_HEADER:
                 return None
             header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, RecursionError):
+        return None
+    if not isinstance(header, dict):
         return None
     counts: dict[str, int] = {}
     for name, info in header.items():
         if name == "__metadata__" or not isinstance(info, dict):
             continue
-        try:
-            counts[info["dtype"]] = counts.get(info["dtype"], 0) + math.prod(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
+        dtype, shape = info.get("dtype"), info.get("shape")
+        if not (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= 64
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_COUNT for d in shape)):
+            return None  # not a header the Hub would count: no parameter counts
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+        if counts[dtype] > _MAX_COUNT:
             return None
     return counts
 

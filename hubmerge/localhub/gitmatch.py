@@ -9,6 +9,7 @@ which files to skip. Only the rules those files commonly use are implemented: ``
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 
@@ -59,7 +60,9 @@ def _tokens(glob: str) -> list[tuple[int, object]]:
                 body = body[1:] if negate else body
                 body = body.replace("\\", "\\\\")
                 try:
-                    out.append((_CLASS, re.compile(f"[{'^' if negate else ''}{body}]")))
+                    with warnings.catch_warnings():  # "possible nested set" on ``[[``: fine here
+                        warnings.simplefilter("ignore", FutureWarning)
+                        out.append((_CLASS, re.compile(f"[{'^' if negate else ''}{body}]")))
                 except re.error:  # a malformed class (``[z-a]``) matches nothing
                     out.append((_CLASS, None))
                 i = j

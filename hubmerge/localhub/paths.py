@@ -51,7 +51,7 @@ def validate_repo_type(repo_type: str | None) -> str:
         LocalHubRequestError: For spaces, kernels or unknown types.
     """
     repo_type = repo_type or "model"
-    if repo_type not in REPO_TYPE_PLURALS:
+    if not isinstance(repo_type, str) or repo_type not in REPO_TYPE_PLURALS:
         raise LocalHubRequestError(
             f"Repo type '{repo_type}' is not supported by this server (model, dataset only)."
         )

@@ -77,7 +77,7 @@ class _CommitParser:
             item = (
                 json.loads(line) if len(line) < _INLINE_PARSE else await run_in_threadpool(json.loads, line)
             )
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LocalHubRequestError(
                 f"Malformed commit payload: line {self.line_no} is not valid JSON (truncated upload?)."
             ) from None
@@ -227,7 +227,7 @@ def lfs_batch(
     if body.get("hash_algo", "sha256") != "sha256":
         raise LocalHubRequestError("Only sha256 LFS objects are supported.")
     transfers = body.get("transfers") or ["basic"]
-    if "basic" not in transfers:
+    if not isinstance(transfers, list) or "basic" not in transfers:
         raise LocalHubRequestError("Only the 'basic' LFS transfer is supported.")
     objects = body.get("objects")
     if not isinstance(objects, list) or len(objects) > MAX_LFS_BATCH_OBJECTS:
@@ -320,8 +320,8 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if match is None:
         return None
     first, last = match.groups()
-    if not first and not last:
-        return None
+    if not first and not last or len(first) > 19 or len(last) > 19:
+        return None  # beyond any file size (and too long for int()): ignored, as a malformed range
     if not first:
         length = int(last)
         if length == 0 or size == 0:
