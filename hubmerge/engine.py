@@ -425,6 +425,9 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
     from .lineage import resolved_recipe_yaml
 
     method = check_recipe(recipe, file=file)
+    if recipe.flexmerge is not None:
+        raise RecipeError("a FlexMerge recipe writes deployments: use hubmerge.flexmerge.run_flexmerge "
+                          "(or `hubmerge run`)", field="flexmerge", file=file)
     if method.output != "model":
         raise RecipeError(
             f"method {recipe.method!r} produces a per-task deployment; run it with `hubmerge run`", field="method"

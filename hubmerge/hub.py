@@ -145,6 +145,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    _lfs_only_for_loopback(endpoint)
     api = HfApi(token=token, endpoint=endpoint)
     transient = _transport_errors()
     attempt = 0
@@ -269,3 +270,14 @@ def search_models(*, tags: list[str], search: str | None = None, limit: int | No
                                         token=token))
     except (HfHubHTTPError, OSError, ValueError, *_transport_errors()) as exc:
         raise HubError(f"listing models tagged {', '.join(tags)}: {type(exc).__name__}") from None
+
+
+def _lfs_only_for_loopback(endpoint: str | None = None) -> None:
+    """The loopback Hub speaks LFS, not Xet: make the client use LFS when it is the endpoint."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(endpoint or constants.ENDPOINT).hostname or ""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        constants.HF_HUB_DISABLE_XET = True

@@ -419,7 +419,7 @@ def run_merge(
         shutil.rmtree(job_dir, ignore_errors=True)
         if not _is_expected(exc):
             logger.exception("merge failed")  # server log: the traceback of an unexpected failure
-        raise SpaceError(one_line(exc, token)) from None
+        raise SpaceError(one_line(exc, token) + _hint(exc)) from None
     directory = Path(result.output_dir)
     RESULTS.add(Kept(job_id, kind, result, directory))
     files = output_files(directory)
@@ -456,6 +456,17 @@ def _with_namespace(recipe, token):
     except Exception:  # noqa: BLE001 - the push resolves (and reports) it again
         return recipe
     return recipe.model_copy(update={"output": recipe.output.model_copy(update={"repo": f"{owner}/{repo}"})})
+
+
+def _hint(exc: BaseException) -> str:
+    """A sentence on what to do about a failed merge, when the error's kind says it."""
+    from hubmerge.errors import AdapterMismatchError, IncompatibleModelError
+
+    if isinstance(exc, AdapterMismatchError):
+        return " — was this adapter trained on the base model given above?"
+    if isinstance(exc, IncompatibleModelError):
+        return " — is this expert really a fine-tune of the base model given above?"
+    return ""
 
 
 def _is_expected(exc: BaseException) -> bool:

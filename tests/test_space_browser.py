@@ -390,7 +390,7 @@ def test_failed_merge_shows_one_line(page, space, hub_models, tmp_path):
     expect(message).to_contain_text("The merge failed:", timeout=JOB_TIMEOUT)
     text = message.inner_text()
     assert "Traceback" not in text and len([line for line in text.splitlines() if line.strip()]) == 1
-    assert "other-shape" in text
+    assert "other-shape" in text and "really a fine-tune of the base model" in text
     expect(page.locator("#hm-push")).to_be_disabled()
     expect(page.locator("#hm-progress")).to_be_hidden()
     shoot(page, tmp_path / "screenshots" / "failed-merge.png")

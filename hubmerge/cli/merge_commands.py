@@ -81,6 +81,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..engine import open_inputs
 
     recipe, method = _load_checked(args.recipe, args.set)
+    if recipe.flexmerge is not None:
+        from ..flexmerge import check_flexmerge
+
+        check_flexmerge(recipe, file=args.recipe)
     if not args.schema_only:
         inputs = open_inputs(recipe)
         tensors = len(inputs.base_checkpoint.meta)
@@ -123,6 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..writer import plan_shards
 
     recipe, method = _load_checked(args.recipe, args.set)
+    if recipe.flexmerge is not None:
+        from .flexmerge_commands import run_recipe
+
+        return run_recipe(args, recipe)
     if args.dry_run:
         from ..engine import output_specs
 
