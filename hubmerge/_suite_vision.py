@@ -201,12 +201,13 @@ def _readme(title: str, body: str) -> str:
     return f"---\nlibrary_name: transformers\ntags:\n- hubmerge-suite\n- vit\n---\n# {title}\n\n{body}\n"
 
 
-def build(out: Path, config: VisionConfig) -> dict[str, Any]:
+def build(out: Path, config: VisionConfig, *, final: Path | None = None) -> dict[str, Any]:
     """Build the vision part into ``out`` (the caller moves it into place).
 
     Args:
         out: Empty directory.
         config: The settings.
+        final: Where the part will live (unused: nothing in it refers to its own path).
 
     Returns:
         The manifest (base path, experts with their task and measured accuracies).

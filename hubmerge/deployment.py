@@ -41,7 +41,16 @@ A FlexMerge deployment uses only the first form. The second one is the shape EMR
 take: ``theta_pre`` and ``tau_uni`` stored once, one bit per entry and task for the masks (a
 ``uint8`` tensor of shape ``(tasks, ceil(numel / 8))``, LSB first, one row per task), and one
 scalar per task. Storage is the bytes of the stored tensors, so masks count as bits, as in the
-FlexMerge paper's Table 1.
+FlexMerge paper's Table 1. Per-task scalars (EMR's rescalers) live in the view entries and
+count 4 bytes each (float32) when the producer declares them (``storage.scalar_bytes``).
+
+**Deployment methods** (``output = "deployment"``: EMR, TALL masks) subclass
+:class:`DeploymentMethod` and implement :meth:`DeploymentMethod.deploy_tensor`, which returns a
+:class:`MaskedTensor` per tensor: one shared update ``delta``, one boolean mask per task and
+optionally one scalar per task. :func:`run_deployment` streams the recipe's inputs through the
+method (its pre-passes first, with the engine's ``run_prepasses``) and writes the deployment:
+per floating tensor ``<name>@base`` (``theta_0``), ``<name>@delta`` and ``<name>@masks`` (the
+bit-packed masks, one row per task); other tensors once, under their own name.
 
 What is shared when several tasks are loaded in one process (:func:`load_task_model`): every
 stored tensor that a task uses *as is* is read once per deployment directory and the task
@@ -63,12 +72,13 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from .checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
-from .errors import DeploymentError
+from .errors import DeploymentError, MethodInputError, RecipeError
+from .method import MergeMethod, TensorGroup
 from .writer import (
     OWNER_MARKER,
     TEMP_PREFIX,
@@ -86,7 +96,10 @@ MANIFEST = "deployment.json"
 WEIGHTS_STEM = "deployment"
 WEIGHTS_FILE = f"{WEIGHTS_STEM}.safetensors"
 #: Files of a deployment that are not carried into an exported checkpoint.
-DEPLOYMENT_FILES = {MANIFEST, WEIGHTS_FILE, f"{WEIGHTS_FILE}.index.json", "README.md", ".gitattributes"}
+DEPLOYMENT_FILES = {MANIFEST, WEIGHTS_FILE, f"{WEIGHTS_FILE}.index.json", "README.md", ".gitattributes",
+                    "accuracy_vs_size.png"}
+#: Storage counted per per-task scalar (a float32), as the FlexMerge paper's Table 1 counts EMR's rescalers.
+SCALAR_BYTES = 4
 
 
 # -- masks -----------------------------------------------------------------------------------------------
@@ -205,6 +218,8 @@ class DeploymentWriter:
         shard_size: Maximum bytes per weights shard.
         model_class: transformers class to build a task model with (``None``: ``AutoModel``).
         overwrite: Replace an existing directory that is not hubmerge's.
+        scalars: Number of per-task scalars the views carry (EMR's rescalers), counted as
+            :data:`SCALAR_BYTES` each in the storage.
 
     Raises:
         DeploymentError: If the views do not fit the stored tensors.
@@ -213,7 +228,7 @@ class DeploymentWriter:
 
     def __init__(self, target: Path, *, tasks: list[str], weights: list[TensorSpec], stored: list[TensorSpec],
                  views: dict[str, dict[str, Any]], kind: str, shard_size: int, model_class: str | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, scalars: int = 0):
         by_key = {s.name: s for s in stored}
         if len(by_key) != len(stored):
             raise DeploymentError("stored tensor keys are not unique")
@@ -224,6 +239,7 @@ class DeploymentWriter:
         self.views = views
         self.kind = kind
         self.model_class = model_class
+        self.scalars = int(scalars)
         self._writer = ShardedWriter(Path(target), self.stored, shard_size=shard_size, overwrite=overwrite,
                                      stem=WEIGHTS_STEM)
 
@@ -233,9 +249,21 @@ class DeploymentWriter:
         return self._writer.names
 
     @property
-    def storage_bytes(self) -> int:
+    def tensor_bytes(self) -> int:
         """Bytes of the stored tensors."""
         return sum(s.nbytes for s in self.stored)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes stored: the tensors plus :data:`SCALAR_BYTES` per declared per-task scalar."""
+        return self.tensor_bytes + SCALAR_BYTES * self.scalars
+
+    def set_scale(self, task: str, name: str, scale: float) -> None:
+        """Set the ``scale`` of task ``task``'s entry for weight ``name`` (known only while writing)."""
+        entry = self.views[task][name]
+        if not isinstance(entry, dict):
+            raise DeploymentError(f"task {task!r}, weight {name!r}: a plain key has no scale")
+        entry["scale"] = float(scale)
 
     @property
     def model_bytes(self) -> int:
@@ -262,6 +290,8 @@ class DeploymentWriter:
             "model_class": self.model_class,
             "storage": {
                 "bytes": self.storage_bytes,
+                "tensor_bytes": self.tensor_bytes,
+                "scalar_bytes": SCALAR_BYTES * self.scalars,
                 "model_bytes": model_bytes,
                 "model_equivalents": self.storage_bytes / model_bytes if model_bytes else 0.0,
             },

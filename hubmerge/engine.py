@@ -317,6 +317,39 @@ def build_group(inputs: MergeInputs, fetched: Fetched, device: torch.device, dty
     return TensorGroup(fetched.name, base, deltas, [e.label for e in inputs.experts], rows=fetched.item.rows)
 
 
+def prepass_items(method: MergeMethod, inputs: MergeInputs, names: list[str], dtype: torch.dtype) -> list[WorkItem]:
+    """The work items a pre-pass streams: the floating tensors of ``names``, split as :func:`plan_items` does.
+
+    Items depend on each tensor alone, so the items of a subset of ``names`` (one unit of a
+    distributed run) are exactly the corresponding slice of the items of all names.
+    """
+    floating = [n for n in names if inputs.base_checkpoint.meta[n].dtype.is_floating_point]
+    return plan_items(inputs, floating, elementwise=getattr(method, "elementwise", False), dtype=dtype)
+
+
+def observe_items(method: MergeMethod, pass_index: int, inputs: MergeInputs, items: list[WorkItem],
+                  device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Fetched, dict[str, torch.Tensor]]]:
+    """Yield each item with what ``method.observe`` returned for it in pre-pass ``pass_index``.
+
+    The caller must be done with one item's statistics before asking for the next
+    (they may share reused buffers). Used by :func:`run_prepasses` and by distributed executors.
+    """
+    for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None):
+        group = build_group(inputs, fetched, device, dtype)
+        stats = method.observe(pass_index, group)
+        del group
+        yield fetched, stats
+
+
+def add_statistics(totals: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Add one group's pre-pass statistics into ``totals`` (in place; the first value is copied)."""
+    for key, value in stats.items():
+        if key in totals:
+            totals[key] += value
+        else:
+            totals[key] = value.clone()
+
+
 def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], device: torch.device,
                   dtype: torch.dtype, progress: ProgressCallback | None = None) -> None:
     """Stream every floating tensor through the method's pre-passes, summing its statistics.
@@ -329,26 +362,63 @@ def run_prepasses(method: MergeMethod, inputs: MergeInputs, names: list[str], de
         dtype: Compute dtype.
         progress: Optional progress callback.
     """
-    floating = [n for n in names if inputs.base_checkpoint.meta[n].dtype.is_floating_point]
-    items = plan_items(inputs, floating, elementwise=getattr(method, "elementwise", False), dtype=dtype)
+    items = prepass_items(method, inputs, names, dtype)
+    floating_count = sum(item.last for item in items)
     for pass_index in range(method.prepasses):
         totals: dict[str, torch.Tensor] = {}
         done_bytes = 0
         stage = f"prepass {pass_index + 1}/{method.prepasses}"
         done_tensors = 0
-        for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None):
-            group = build_group(inputs, fetched, device, dtype)
-            for key, value in method.observe(pass_index, group).items():
-                if key in totals:
-                    totals[key] += value
-                else:
-                    totals[key] = value.clone()
-            del group
+        for fetched, stats in observe_items(method, pass_index, inputs, items, device, dtype):
+            add_statistics(totals, stats)
             done_bytes += fetched.nbytes
             done_tensors += fetched.item.last
             if progress:
-                progress(Progress(stage, done_tensors, len(floating), done_bytes, inputs.bytes_per_pass))
+                progress(Progress(stage, done_tensors, floating_count, done_bytes, inputs.bytes_per_pass))
         method.finish_pass(pass_index, totals)
+
+
+def merge_items(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem], specs: dict[str, TensorSpec],
+                device: torch.device, dtype: torch.dtype, write: Callable[[str, torch.Tensor, bool], None],
+                *, method_name: str | None = None, on_item: Callable[[Fetched], None] | None = None) -> None:
+    """Merge work items in order and hand each result to ``write(name, tensor, last)``.
+
+    The merge loop shared by :func:`merge` (all tensors, one :class:`ShardedWriter`) and
+    distributed executors (the tensors of one output shard). Non-floating tensors are the
+    base's; results are moved to the CPU in their output spec's dtype.
+
+    Args:
+        method: The merge method (pre-passes already finished).
+        inputs: The opened inputs.
+        items: Work items (from :func:`plan_items`) in write order.
+        specs: Output spec of every tensor named by ``items``.
+        device: Compute device.
+        dtype: Compute dtype.
+        write: Receives ``(name, cpu_tensor, last)`` for each item, in order.
+        method_name: Name for error messages (default ``method.name``).
+        on_item: Called after each item was written (progress).
+
+    Raises:
+        HubmergeError: If the method returns a tensor of the wrong shape.
+    """
+    pooled = dtype if device.type == "cpu" else None
+    for fetched in prefetched(inputs, items, pooled_dtype=pooled):
+        spec = specs[fetched.name]
+        if not fetched.base.dtype.is_floating_point:
+            merged = fetched.base
+        else:
+            group = build_group(inputs, fetched, device, dtype)
+            merged = method.merge_tensor(group)
+            if tuple(merged.shape) != tuple(group.base.shape):
+                raise HubmergeError(
+                    f"method {method_name or method.name!r} returned shape {list(merged.shape)} for "
+                    f"{fetched.name!r}, expected {list(group.base.shape)}"
+                )
+            del group
+        write(fetched.name, merged.to(device="cpu", dtype=spec.dtype), fetched.item.last)
+        del merged
+        if on_item is not None:
+            on_item(fetched)
 
 
 @dataclass
@@ -456,29 +526,18 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
                                shard_size=recipe.output.shard_size, overwrite=overwrite)
         run_prepasses(method, inputs, names, compute_device, compute_dtype, progress)
         bytes_read = inputs.bytes_per_pass * method.prepasses
-        done_bytes = done_tensors = 0
-        specs = writer.specs
+        done = [0, 0]  # bytes, tensors
         items = plan_items(inputs, writer.names, elementwise=method.elementwise, dtype=compute_dtype)
-        pooled = compute_dtype if compute_device.type == "cpu" else None
-        for fetched in prefetched(inputs, items, pooled_dtype=pooled):
-            spec = specs[fetched.name]
-            if not fetched.base.dtype.is_floating_point:
-                merged = fetched.base
-            else:
-                group = build_group(inputs, fetched, compute_device, compute_dtype)
-                merged = method.merge_tensor(group)
-                if tuple(merged.shape) != tuple(group.base.shape):
-                    raise HubmergeError(
-                        f"method {recipe.method!r} returned shape {list(merged.shape)} for {fetched.name!r}, "
-                        f"expected {list(group.base.shape)}"
-                    )
-                del group
-            writer.write(fetched.name, merged.to(device="cpu", dtype=spec.dtype), last=fetched.item.last)
-            del merged
-            done_bytes += fetched.nbytes
-            done_tensors += fetched.item.last
+
+        def merged_one(fetched: Fetched) -> None:
+            done[0] += fetched.nbytes
+            done[1] += fetched.item.last
             if progress:
-                progress(Progress("merge", done_tensors, len(names), done_bytes, inputs.bytes_per_pass))
+                progress(Progress("merge", done[1], len(names), done[0], inputs.bytes_per_pass))
+
+        merge_items(method, inputs, items, writer.specs, compute_device, compute_dtype,
+                    lambda name, tensor, last: writer.write(name, tensor, last=last),
+                    method_name=recipe.method, on_item=merged_one)
         bytes_read += inputs.bytes_per_pass
         copy_model_files(inputs.base.directory, writer)
         experts = [e.resolved for e in inputs.experts]

@@ -459,7 +459,7 @@ def _build_part(part: Path, domain: str, config: SuiteConfig) -> float:
     started = time.perf_counter()
     logger.info("suite: building %s part in %s", domain, part)
     try:
-        manifest = builder(staging, config.part(domain))
+        manifest = builder(staging, config.part(domain), final=part)
         seconds = time.perf_counter() - started
         manifest.update(format=SUITE_FORMAT, domain=domain, fingerprint=config.fingerprint(domain),
                         config=_jsonable(config.part(domain)), build_seconds=round(seconds, 2),
@@ -534,9 +534,6 @@ def _read_task(directory: Path, test_path: Path) -> TaskSpec:
 # --------------------------------------------------------------------------------------------
 # Encoders: directory / state dict / module -> eval-mode torch module
 # --------------------------------------------------------------------------------------------
-
-ModelLike = "str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module"
-
 
 def _domain_of_directory(directory: Path) -> str:
     if (directory / ADAPTER_CONFIG).is_file():
@@ -793,6 +790,9 @@ def _accuracy(encoder: torch.nn.Module, spec: TaskSpec, batch_size: int) -> floa
     correct = 0
     for start in range(0, len(labels), batch_size):
         batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
+        if "attention_mask" in batch:  # stored padded to max_length: drop all-padding columns
+            width = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
         logits = head(pooled_features(encoder, batch, spec.pooling))
         correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
     return correct / len(labels)
@@ -856,8 +856,8 @@ def evaluate_all(model: Any, suite: Suite, *, domain: str | None = None, tasks: 
         Task name -> accuracy, in the suite's task order.
 
     Raises:
-        UnknownTaskError: A task in ``tasks`` is unknown or of another domain.
-        IncompatibleModelError: The model does not fit the domain.
+        UnknownTaskError: A task in ``tasks`` is unknown.
+        IncompatibleModelError: The model does not fit the domain, or a task is of another domain.
     """
     encoder = load_encoder(model, suite, domain=domain)
     domain = domain or _domain_of_module(encoder)
@@ -866,6 +866,6 @@ def evaluate_all(model: Any, suite: Suite, *, domain: str | None = None, tasks: 
     for name in names:
         spec = suite.task(name)
         if spec.domain != domain:
-            raise UnknownTaskError(f"task {name!r} is a {spec.domain} task, the model is a {domain} encoder")
+            raise IncompatibleModelError(f"task {name!r} is a {spec.domain} task, the model is a {domain} encoder")
         results[name] = _accuracy(encoder, spec, batch_size)
     return results
