@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel: the range in pyproject.toml then installs nothing more
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[space,suite,test]"
+	$(PY) -m pip install -q -e ".[space,suite,test,ray]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -188,6 +188,7 @@ class Checkpoint:
             raise ModelReferenceError(f"{self.directory}: not a directory")
         index = self.directory / weights.replace(".safetensors", ".safetensors.index.json")
         single = self.directory / weights
+        weight_map: dict[str, str] | None = None
         if single.is_file():
             files = [single]
         elif index.is_file():
@@ -202,11 +203,10 @@ class Checkpoint:
                 if name in self.meta:
                     raise CheckpointError(f"{file}: tensor {name!r} also in {self.meta[name].file.name}")
                 self.meta[name] = meta
-        if not single.is_file():
-            for name, shard in weight_map.items():
-                meta = self.meta.get(name)
-                if meta is None or meta.file != (index.parent / shard).resolve():
-                    raise CheckpointError(f"{index}: tensor {name!r} is not in {shard} (the index and shards disagree)")
+        for name, shard in (weight_map or {}).items():
+            meta = self.meta.get(name)
+            if meta is None or meta.file != (index.parent / shard).resolve():
+                raise CheckpointError(f"{index}: tensor {name!r} is not in {shard} (the index and shards disagree)")
         self._handles: dict[Path, int] = {}
         self._lock = threading.Lock()
 

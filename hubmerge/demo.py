@@ -5,7 +5,10 @@
 3. Push the base models and every expert as ordinary Hub repos with their own cards
    (skipped when the repo already holds this build of the suite).
 4. Run every ``recipes/demo-*.yaml`` by repo id, evaluate the merge on every task of its
-   domain, and push it with a card carrying the evaluation.
+   domain, and push it with a card carrying the evaluation. Recipes that write per-task
+   deployments (``flexmerge:``, ``emr``, ``tall``) are evaluated task by task, each with its own
+   task model, and pushed with deployment cards (FlexMerge: one branch per size); they add one
+   row per deployment (per size) with its storage in model-equivalents.
 5. Print an accuracy table and where to look.
 """
 
@@ -67,7 +70,8 @@ class DemoReport:
                 norm = ""
                 if experts and r is not experts and all(t in experts.accuracies for t in r.accuracies):
                     norm = f"{sum(r.accuracies[t] / experts.accuracies[t] for t in r.accuracies) / len(r.accuracies):.3f}"
-                out.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.average:.3f} | {norm} |")
+                label = r.label if r.storage is None else f"{r.label} [{r.storage:.2f}x storage]"  # deployments
+                out.append(f"| {label} | " + " | ".join(cells) + f" | {r.average:.3f} | {norm} |")
             out.append("")
         return "\n".join(out)
 
@@ -160,6 +164,18 @@ def run_recipe(path: Path, suite, report: DemoReport, *, work: Path, progress=No
     recipe = load_recipe(path)
     domain = _domain_of_recipe(recipe, suite)
     output = work / "out" / recipe.name
+    # -- per-task deployments (FlexMerge sizes, EMR, TALL): each task evaluated with its own task model --
+    from .deployment import is_deployment_method
+    from .plugins import registered_methods
+
+    if recipe.method not in registered_methods():
+        logger.warning("demo: skipping %s: method %r is not installed (its plugin's entry point is missing; "
+                       "reinstall hubmerge)", path.name, recipe.method)
+        return
+    if recipe.flexmerge is not None or is_deployment_method(recipe.method):
+        run_deployment_recipe(path, recipe, domain, suite, report, output=output, progress=progress)
+        return
+    # -- end per-task deployments ------------------------------------------------------------------------
     result = merge(recipe, output=output, overwrite=True, progress=progress, file=str(path))
     accuracies = evaluate_all(result.output_dir, suite, domain=domain)
     evaluation = [Evaluation(task=t, metric="accuracy", value=v, dataset=f"hubmerge-suite/{t}",
@@ -171,6 +187,66 @@ def run_recipe(path: Path, suite, report: DemoReport, *, work: Path, progress=No
         report.repos.append(repo)
     report.outputs.append(result.output_dir)
     report.rows.append(DemoRow(f"{recipe.method} ({recipe.name})", domain, accuracies, repo))
+
+
+def _task_of_expert(recipe, suite, domain: str) -> dict[str, str]:
+    """Expert label (a deployment's task name) -> the suite task it was fine-tuned for."""
+    by_repo = {repo_for(domain, e.name): e.task for e in suite.experts_for(domain)}
+    tasks = {}
+    for ref in recipe.experts:
+        task = ref.label if ref.label in suite.tasks else by_repo.get(ref.repo or "")
+        if task is None:
+            raise ValueError(f"recipe {recipe.name!r}: expert {ref} is not an expert of the demo suite")
+        tasks[ref.label] = task
+    return tasks
+
+
+def run_deployment_recipe(path: Path, recipe, domain: str, suite, report: DemoReport, *, output: Path,
+                          progress=None) -> None:
+    """A recipe with ``flexmerge:`` or a deployment method: write the deployment(s), evaluate every task
+    with its own task model (``load_task_model`` + ``suite.evaluate``), publish with cards and the
+    accuracy-vs-size plot, and add one report row per deployment (per FlexMerge size) with its storage.
+    """
+    from .deployment import load_task_model, run_deployment
+    from .flexmerge import run_flexmerge
+    from .publish import deployment_variants, publish_deployment
+    from .suite import evaluate
+
+    if recipe.flexmerge is not None:
+        result = run_flexmerge(recipe, output=output, overwrite=True, progress=progress, file=str(path))
+        name = f"flexmerge/{result.inner.name}"
+    else:
+        result = run_deployment(recipe, output=output, overwrite=True, progress=progress, file=str(path))
+        name = recipe.method
+    task_of = _task_of_expert(recipe, suite, domain)
+    variants = deployment_variants(result)
+    evaluation: dict[str, dict[str, float]] = {}
+    # Within one run a stored key names the same tensor in every size (FlexMerge: ``<weight>@<group>``),
+    # so a task whose view did not change between sizes has the same model: evaluated once.
+    seen: dict[tuple[str, str], float] = {}
+    for variant in variants:
+        scores = {}
+        for label in variant.tasks:
+            key = (label, json.dumps(variant.manifest["views"][label], sort_keys=True))
+            if key not in seen:
+                model = load_task_model(variant.directory, label)
+                seen[key] = evaluate(model, task_of[label], suite)
+                del model
+            scores[label] = seen[key]
+        evaluation[variant.label] = scores
+    repo = recipe.output.repo
+    if repo:
+        experts = {label: suite.task(task).metrics.get("expert") for label, task in task_of.items()}
+        baselines = {"experts": experts} if all(v is not None for v in experts.values()) else None
+        publish_deployment(result, repo, private=recipe.output.private, evaluation=evaluation, baselines=baselines,
+                           task_type="image-classification" if domain == "vision" else "text-classification")
+        report.repos.append(repo)
+    report.outputs.append(result.output_dir)
+    for variant in variants:
+        label = f"{name} size {variant.label} ({recipe.name})" if variant.revision else f"{name} ({recipe.name})"
+        where = f"{repo}@{variant.revision}" if repo and variant.revision else repo
+        accuracies = {task_of[t]: v for t, v in evaluation[variant.label].items()}
+        report.rows.append(DemoRow(label, domain, accuracies, where, storage=variant.model_equivalents))
 
 
 def baseline_rows(suite) -> list[DemoRow]:

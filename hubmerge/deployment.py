@@ -249,6 +249,11 @@ class DeploymentWriter:
         return self._writer.names
 
     @property
+    def temp(self) -> Path:
+        """The hidden directory being written (renamed to the target by :meth:`finish`)."""
+        return self._writer.temp
+
+    @property
     def tensor_bytes(self) -> int:
         """Bytes of the stored tensors."""
         return sum(s.nbytes for s in self.stored)
@@ -499,7 +504,35 @@ def _local_directory(repo_or_dir: str | Path, revision: str | None, token: str |
         raise DeploymentError(f"{repo_or_dir}: not a directory")
     if revision is not None:
         ref = ref.model_copy(update={"revision": revision})
-    return resolve(ref, token=token).directory
+    from .errors import ModelReferenceError
+
+    try:
+        return resolve(ref, token=token).directory
+    except ModelReferenceError:
+        hint = _overview_hint(ref.repo, ref.revision, token)
+        if hint:
+            raise DeploymentError(f"{repo_or_dir}: {hint}") from None
+        raise
+
+
+def _overview_hint(repo: str, revision: str | None, token: str | None) -> str | None:
+    """When ``repo@revision`` is the overview of a published FlexMerge run: which branches hold its sizes."""
+    try:
+        from huggingface_hub import HfApi
+
+        from .flexmerge import ROOT_SUMMARY
+        from .hub import repo_files
+
+        _, files = repo_files(repo, revision=revision, token=token)
+        if ROOT_SUMMARY not in files:
+            return None
+        refs = HfApi().list_repo_refs(repo, token=token)
+        sizes = sorted(b.name for b in refs.branches if b.name.startswith("size-"))
+    except Exception:  # noqa: BLE001 - only a hint; the original error stands otherwise
+        return None
+    example = sizes[0] if sizes else "size-1"
+    return (f"this revision is the overview of a FlexMerge run; its deployments are on the branches "
+            f"{', '.join(sizes) or '(none)'}: pass revision={example!r} (or {repo}@{example})")
 
 
 def _model_class(name_or_class: Any, manifest_class: str | None):
@@ -623,3 +656,357 @@ def export_task(repo_or_dir: str | Path, task: str, out: str | Path, *, revision
         raise
     finally:
         deployment.close()
+
+
+# -- deployment methods ----------------------------------------------------------------------------------
+@dataclass
+class MaskedTensor:
+    """What a :class:`DeploymentMethod` returns for one tensor.
+
+    Task ``t``'s weight is ``theta_0 + scales[t] * (delta * masks[t])`` (``theta_0`` is the base's
+    tensor, stored by the writer).
+
+    Attributes:
+        delta: The shared update (EMR's ``tau_uni``, TALL's ``tau_MTL``), shape of the weight.
+        masks: Boolean, shape ``(T, *weight.shape)``: one mask per task, in the experts' order.
+        scales: One scalar per task (a ``(T,)`` tensor or sequence), or ``None`` for 1.
+    """
+
+    delta: torch.Tensor
+    masks: torch.Tensor
+    scales: torch.Tensor | list[float] | tuple[float, ...] | None = None
+
+
+class DeploymentMethod(MergeMethod):
+    """Base class of methods whose output is a per-task deployment (``output = "deployment"``).
+
+    Instead of :meth:`~hubmerge.method.MergeMethod.merge_tensor` a subclass implements
+    :meth:`deploy_tensor`; pre-passes (``prepasses``, ``observe``, ``finish_pass``) and
+    ``elementwise`` work as for any method (``elementwise`` only concerns the pre-passes: the
+    write pass hands whole tensors, since masks are packed per tensor). Run with
+    :func:`run_deployment` (``hubmerge run``), not :func:`hubmerge.engine.merge`.
+
+    Attributes:
+        kind: The manifest's ``kind`` (default: the method's name).
+        scalar_scope: How many per-task scalars the deployment stores, for the storage count:
+            ``"model"`` (one per task), ``"tensor"`` (one per task and floating tensor) or
+            ``None`` (none; a constant scale is not a per-task scalar).
+    """
+
+    output: ClassVar[str] = "deployment"
+    kind: ClassVar[str] = ""
+    scalar_scope: Literal["model", "tensor"] | None = None
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """Refuse parameters that do not fit the task names (experts' labels), before any work.
+
+        Raises:
+            MethodParamError: Naming the parameter at fault.
+        """
+
+    def deploy_tensor(self, group: TensorGroup) -> MaskedTensor:
+        """The shared update, per-task masks and scalars of one tensor.
+
+        Args:
+            group: The base weight and the experts' task vectors (a whole tensor).
+
+        Returns:
+            A :class:`MaskedTensor`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement deploy_tensor")
+
+    def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
+        """Refused: a deployment method has one output per task."""
+        raise MethodInputError(f"method {self.name!r} produces a per-task deployment, not one merged tensor; "
+                               "run it with `hubmerge run` (hubmerge.deployment.run_deployment)")
+
+    def deployment_info(self) -> dict[str, Any]:
+        """Producer details stored in the manifest under ``kind`` (JSON-able); default: the parameters."""
+        return {"method": self.name, "params": self.params.model_dump(mode="json")}
+
+    @classmethod
+    def manifest_kind(cls) -> str:
+        """The manifest's ``kind``."""
+        return cls.kind or cls.name
+
+
+def is_deployment_method(method_or_name: Any) -> bool:
+    """Whether a method (instance, class or registered name) writes a per-task deployment."""
+    cls = method_or_name
+    if isinstance(method_or_name, str):
+        from .plugins import get_method
+
+        try:
+            cls = get_method(method_or_name)
+        except Exception:  # noqa: BLE001 - unknown method: not a deployment (check_recipe reports it)
+            return False
+    return getattr(cls, "output", "model") == "deployment"
+
+
+def masked_layout(specs: list[TensorSpec], floating: set[str], tasks: list[str]
+                  ) -> tuple[list[TensorSpec], dict[str, dict[str, Any]]]:
+    """Stored tensors and views of a masked deployment (EMR, TALL).
+
+    Per floating tensor ``<name>@base``, ``<name>@delta`` (its spec) and ``<name>@masks`` (``uint8``,
+    ``(T, ceil(numel / 8))``); other tensors once under their own name.
+
+    Args:
+        specs: The checkpoint's tensors in storage order (output dtype).
+        floating: Names of the tensors that get per-task entries.
+        tasks: Task names.
+
+    Returns:
+        ``(stored specs in write order, task -> weight -> entry)``.
+    """
+    stored: list[TensorSpec] = []
+    views: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+    for spec in specs:
+        if spec.name not in floating:
+            stored.append(spec)
+            for t in tasks:
+                views[t][spec.name] = spec.name
+            continue
+        base, delta, masks = f"{spec.name}@base", f"{spec.name}@delta", f"{spec.name}@masks"
+        stored += [TensorSpec(base, spec.shape, spec.dtype), TensorSpec(delta, spec.shape, spec.dtype),
+                   TensorSpec(masks, (len(tasks), -(-math.prod(spec.shape) // 8)), torch.uint8)]
+        for row, t in enumerate(tasks):
+            views[t][spec.name] = {"base": base, "delta": delta, "mask": masks, "mask_row": row}
+    return stored, views
+
+
+def masked_storage_bytes(specs: list[TensorSpec], floating: set[str], tasks: int, scalars: int = 0) -> int:
+    """The bytes :func:`masked_layout` stores: ``theta_0`` and the update per floating tensor, one bit per
+    entry and task, other tensors once, :data:`SCALAR_BYTES` per scalar (the FlexMerge paper's Table 1)."""
+    total = SCALAR_BYTES * scalars
+    for spec in specs:
+        if spec.name in floating:
+            total += 2 * spec.nbytes + tasks * -(-math.prod(spec.shape) // 8)
+        else:
+            total += spec.nbytes
+    return total
+
+
+def check_deployment(recipe, *, file: str | None = None) -> DeploymentMethod:
+    """Check a recipe of a deployment method without reading any model (``hubmerge validate``).
+
+    Returns:
+        The method instance.
+
+    Raises:
+        RecipeError: Not a deployment method, a ``flexmerge`` section, adapter output, or parameters
+            that do not fit the experts' labels.
+    """
+    from .errors import MethodParamError
+    from .recipe import check_recipe
+
+    method = check_recipe(recipe, file=file)
+    if not isinstance(method, DeploymentMethod):
+        raise RecipeError(f"method {recipe.method!r} produces one merged model, not a deployment", field="method",
+                          file=file)
+    if recipe.flexmerge is not None:
+        raise RecipeError(f"method {recipe.method!r} writes its own per-task deployment; FlexMerge groups are merged "
+                          "by a single-output method (flexmerge.inner)", field="flexmerge", file=file)
+    if recipe.output.format != "model":
+        raise RecipeError("a deployment stores full tensors; `output.format: adapter` is not supported",
+                          field="output.format", file=file)
+    try:
+        method.check_tasks([e.label for e in recipe.experts])
+    except MethodParamError as exc:
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise RecipeError(message, field=f"params.{exc.field}", file=file) from None
+    return method
+
+
+def _scales_list(scales: Any, tasks: int, name: str, method: str) -> list[float] | None:
+    if scales is None:
+        return None
+    values = scales.detach().to("cpu", torch.float64).reshape(-1).tolist() if isinstance(scales, torch.Tensor) \
+        else [float(v) for v in scales]
+    if len(values) != tasks or not all(math.isfinite(v) for v in values):
+        raise DeploymentError(f"method {method!r} returned {len(values)} scales for {name!r} (need {tasks} finite)")
+    # stored as float32 (what the storage counts); the manifest keeps that value exactly
+    return [float(torch.tensor(v, dtype=torch.float32)) for v in values]
+
+
+def run_deployment(recipe, *, output: str | Path | None = None, device: str | None = None, overwrite: bool = False,
+                   token: str | None = None, progress=None, file: str | None = None):
+    """Run a recipe whose method writes a per-task deployment (EMR, TALL masks).
+
+    Passes over the inputs: the method's pre-passes (EMR's model-wide rescalers, TIES' global
+    top-k...), then one that writes the deployment, a tensor at a time: ``theta_0``, the method's
+    shared update and the bit-packed masks of every task; the per-task scalars go into the views.
+    The directory appears at ``output`` only when complete (``hubmerge_recipe.yaml``, the base's
+    config and tokenizer files, a card and ``deployment.json`` included).
+
+    Args:
+        recipe: A schema-valid recipe with a deployment method.
+        output: Output directory (overrides ``output.path``).
+        device: Compute device (overrides ``recipe.device``).
+        overwrite: Replace an existing directory that hubmerge did not write.
+        token: Hub token for private inputs.
+        progress: Called with :class:`~hubmerge.engine.Progress` (stages ``prepass i/n``, ``write``).
+        file: Recipe file name for errors.
+
+    Returns:
+        A :class:`~hubmerge.engine.MergeResult` (``output_dir`` is the deployment;
+        ``extra["deployment"]`` holds its kind, tasks and storage).
+
+    Raises:
+        RecipeError: Bad recipe (before any input is read).
+        HubmergeError: Input or output problems; nothing is left at the output path on failure.
+    """
+    import time
+
+    from .card import build_card, deployment_card_inputs
+    from .engine import (
+        MergeResult,
+        Progress,
+        build_group,
+        copy_model_files,
+        open_inputs,
+        output_specs,
+        prefetched,
+        resolve_device,
+        run_prepasses,
+    )
+    from .lineage import resolved_recipe_yaml
+    from .writer import confine_output_path
+
+    started = time.perf_counter()
+    method = check_deployment(recipe, file=file)
+    target = Path(output or recipe.output.path or "")
+    if not str(target) or str(target) == ".":
+        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
+    if output is None:
+        confine_output_path(target, file=file)
+    compute_device = resolve_device(device or recipe.device)
+    compute_dtype = getattr(torch, recipe.dtype)
+    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+
+    inputs = open_inputs(recipe, token=token)
+    writer = None
+    try:
+        tasks = [e.label for e in inputs.experts]
+        names = inputs.base_checkpoint.names()
+        meta = inputs.base_checkpoint.meta
+        specs = output_specs(inputs.base_checkpoint, out_dtype)
+        spec_of = {s.name: s for s in specs}
+        floating = {n for n in names if meta[n].dtype.is_floating_point}
+        stored, views = masked_layout(specs, floating, tasks)
+        scalars = {"model": len(tasks), "tensor": len(tasks) * len(floating)}.get(method.scalar_scope or "", 0)
+        writer = DeploymentWriter(target, tasks=tasks, weights=specs, stored=stored, views=views,
+                                  kind=method.manifest_kind(), shard_size=recipe.output.shard_size,
+                                  model_class=_base_model_class(inputs.base.directory), overwrite=overwrite,
+                                  scalars=scalars)
+        run_prepasses(method, inputs, names, compute_device, compute_dtype, progress)
+        done_bytes = 0
+        pooled = compute_dtype if compute_device.type == "cpu" else None
+        for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):
+            name = fetched.name
+            spec = spec_of[name]
+            if name not in floating:
+                writer.write(name, fetched.base.to(spec.dtype))
+            else:
+                group = build_group(inputs, fetched, compute_device, compute_dtype)
+                result = method.deploy_tensor(group)
+                shape = tuple(group.base.shape)
+                if tuple(result.delta.shape) != shape or tuple(result.masks.shape) != (len(tasks), *shape):
+                    raise DeploymentError(
+                        f"method {recipe.method!r} returned delta {list(result.delta.shape)} and masks "
+                        f"{list(result.masks.shape)} for {name!r}, expected {list(shape)} and {[len(tasks), *shape]}")
+                scales = _scales_list(result.scales, len(tasks), name, recipe.method)
+                writer.write(f"{name}@base", fetched.base.to(spec.dtype))
+                writer.write(f"{name}@delta", result.delta.to(device="cpu", dtype=spec.dtype))
+                masks = result.masks.to(torch.bool)
+                packed = torch.stack([pack_mask(m) for m in masks]) if len(tasks) else masks.new_zeros(0)
+                writer.write(f"{name}@masks", packed.to("cpu").reshape(len(tasks), -1))
+                if scales is not None:
+                    for task, value in zip(tasks, scales):
+                        writer.set_scale(task, name, value)
+                del group, result, masks, packed
+            done_bytes += fetched.nbytes
+            if progress:
+                progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
+        copy_model_files(inputs.base.directory, writer)
+        experts = [e.resolved for e in inputs.experts]
+        info = method.deployment_info()
+        result = MergeResult(
+            output_dir=target, recipe=recipe, method=method, base=inputs.base, experts=experts,
+            device=str(compute_device), seconds=0.0, bytes_read=inputs.bytes_per_pass * (1 + method.prepasses),
+            bytes_written=writer.tensor_bytes, tensors=len(names),
+            extra={"provenance": {"deployment": method.manifest_kind()}},
+        )
+        writer.add_file(OWNER_MARKER, resolved_recipe_yaml(result))
+        manifest = writer.manifest(info)
+        result.output_dir = writer.temp
+        card = build_card(deployment_card_inputs(result, [DeploymentVariant(_default_label(manifest), None, manifest)]))
+        writer.add_file("README.md", str(card))
+        result.output_dir = writer.finish(info)
+        result.extra["deployment"] = {"kind": manifest["kind"], "tasks": tasks, "storage": manifest["storage"]}
+        result.seconds = time.perf_counter() - started
+        logger.info("deployment %s: %d tasks, %.3f model-equivalents in %.2fs", manifest["kind"], len(tasks),
+                    manifest["storage"]["model_equivalents"], result.seconds)
+        return result
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        inputs.close()
+
+
+def _base_model_class(base_dir: Path) -> str | None:
+    try:
+        config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+        architectures = config.get("architectures") or []
+        return architectures[0] if architectures else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _default_label(manifest: dict[str, Any]) -> str:
+    """A single deployment's size label: its model-equivalents (``2.06``)."""
+    return format(float(manifest.get("storage", {}).get("model_equivalents", 0.0)), ".3g")
+
+
+@dataclass
+class DeploymentVariant:
+    """One deployment of a published set (a FlexMerge size, or the one EMR/TALL deployment).
+
+    Attributes:
+        label: Its size label (``"2"``, ``"1.5"``; a single deployment: its model-equivalents).
+        revision: The Hub branch holding it (``None``: the repo's ``main``).
+        manifest: Its ``deployment.json``.
+        directory: Where it was written locally.
+        scores: Task to metric value (each task evaluated with its own task model), if evaluated.
+    """
+
+    label: str
+    revision: str | None
+    manifest: dict[str, Any]
+    directory: Path | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_equivalents(self) -> float:
+        """Stored bytes / one model's bytes."""
+        return float(self.manifest.get("storage", {}).get("model_equivalents", 0.0))
+
+    @property
+    def bytes(self) -> int:
+        """Stored bytes."""
+        return int(self.manifest.get("storage", {}).get("bytes", 0))
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names."""
+        return list(self.manifest.get("tasks", []))
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The ``deployment.json`` of a deployment directory (unchecked)."""
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeploymentError(f"{path}: unreadable manifest ({exc})") from None

@@ -816,6 +816,8 @@ class FlexMergeResult:
         bytes_read: Bytes read from the inputs over all passes.
         timings: Seconds per stage: ``similarity``, ``order``, ``prepasses``, ``write`` (the write
             pass, of which ``write_merge`` computing the groups and ``write_io`` writing them).
+        base: The base as resolved (:class:`~hubmerge.sources.ResolvedModel`, for cards).
+        experts: The experts as resolved, in recipe order.
     """
 
     output_dir: Path
@@ -833,6 +835,8 @@ class FlexMergeResult:
     bytes_read: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     storage_model: str = StorageModel.name
+    base: Any = None
+    experts: list[Any] = field(default_factory=list)
 
     def storage_table(self) -> list[dict[str, Any]]:
         """Per size: label, merges, bytes and model-equivalents (for printing)."""
@@ -1151,7 +1155,7 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             output_dir=target.absolute(), recipe=recipe, inner=inner, tasks=tasks, blocks=blocks, order=order,
             storage_curve=curve, deployments=plans, model_bytes=model_bytes, cosines=block_cos,
             device=str(compute_device), bytes_read=inputs.bytes_per_pass * (2 + passes), timings=timings,
-            storage_model=(storage or StorageModel()).name,
+            storage_model=(storage or StorageModel()).name, base=inputs.base, experts=experts,
         )
         (staged.path / ROOT_SUMMARY).write_text(json.dumps(_summary(result), indent=1) + "\n", encoding="utf-8")
         root = MergeResult(output_dir=target, recipe=_resolved_recipe(recipe, inner, spec.sizes), method=top_method,

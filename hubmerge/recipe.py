@@ -137,16 +137,6 @@ class OutputSpec(_Strict):
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str | None) -> str | None:
-        if value is not None and ("\x00" in value or ".." in Path(value).parts):
-            raise ValueError(
-                f"{value!r}: an output path in a recipe cannot contain '..' (or NUL); it must not lead "
-                "outside the directory hubmerge runs in (pass --output to write elsewhere)"
-            )
-        return value
-
     @field_validator("repo")
     @classmethod
     def _repo(cls, value: str | None) -> str | None:

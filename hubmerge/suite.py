@@ -181,9 +181,10 @@ class SuiteConfig:
             The reduced configuration (experts still beat their base on their own task).
         """
         return cls(
-            vision=VisionConfig(tasks=("digit", "parity", "invert", "noisy"), n_train=800, pretrain_epochs=5,
-                                finetune_epochs=4, finetune_lr=3e-4),
-            text=TextConfig(tasks=("rotten_tomatoes", "review_source"), n_train=160, n_test=160,
+            vision=VisionConfig(tasks=("digit", "parity", "invert"), hidden_size=32, num_layers=2, num_heads=2,
+                                intermediate_size=64, n_train=600, pretrain_epochs=6, pretrain_lr=2e-3,
+                                finetune_epochs=4, finetune_lr=5e-4),
+            text=TextConfig(tasks=("rotten_tomatoes", "review_source"), n_train=128, n_test=128,
                             max_length=(("rotten_tomatoes", 32), ("review_source", 32)), lr=2e-3),
         )
 

@@ -126,9 +126,9 @@ def confine_output_path(path: Path, *, root: Path | None = None, file: str | Non
     """Check that a recipe's relative ``output.path`` stays inside ``root`` once symlinks are resolved.
 
     A recipe (perhaps downloaded) must not send the output outside the directory hubmerge runs
-    in: ``..`` is refused by the schema, and this refuses a relative path that passes through a
-    symbolic link leading elsewhere. Absolute paths, and paths the user gives (``--output``),
-    are taken as written.
+    in: a relative path that climbs out with ``..`` or passes through a symbolic link leading
+    elsewhere is refused. Absolute paths, and paths the user gives (``--output``), are taken as
+    written.
 
     Args:
         path: The output path from the recipe.
@@ -143,13 +143,16 @@ def confine_output_path(path: Path, *, root: Path | None = None, file: str | Non
     """
     from .errors import RecipeError
 
+    if "\x00" in str(path):
+        raise RecipeError("the output path contains a NUL character", field="output.path", file=file)
     if path.is_absolute():
         return path
     root = (root or Path.cwd()).resolve()
     real = (root / path).resolve()
     if real != root and root not in real.parents:
+        how = "with '..'" if ".." in path.parts else "through a symbolic link"
         raise RecipeError(
-            f"{path} resolves to {real}, outside {root} (through a symbolic link); pass --output to write there",
+            f"{path} resolves to {real}, outside {root} ({how}); pass --output to write there on purpose",
             field="output.path", file=file,
         )
     return path

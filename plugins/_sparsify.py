@@ -25,6 +25,7 @@ Rules, the same everywhere:
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -34,6 +35,8 @@ HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32 pattern: the sign 
 LOW_BINS = 1 << 16
 _CHUNK = 1 << 22  # elements per bincount call, bounds the temporaries on big tensors
 _SMALL = 1 << 16  # per-tensor thresholds of smaller tensors by kthvalue (cheaper than 2 histograms)
+_MERGE_BYTES = 4 << 20  # trimmed task vectors of one block of entries (all tasks), kept in cache
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # int16 index of a float32's high half
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -132,6 +135,9 @@ def ties_merge(deltas: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | None) -> torch.Tensor:
     """Trim ``deltas`` to ``k`` (global ``thresholds`` if given, else per tensor) and TIES-merge.
 
+    The result is :func:`ties_merge` of :func:`trim_masks`, computed block by block of entries
+    (see :func:`_trimmed_ties`): no mask or temporary of the task vectors' size.
+
     Args:
         deltas: Task vectors ``(T, *shape)``, left untouched.
         k: Fraction kept.
@@ -141,10 +147,78 @@ def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | No
         The merged task vector, shape ``deltas.shape[1:]``.
     """
     if k >= 1.0:
-        keep = None
-    else:
-        keep = trim_masks(deltas, thresholds if thresholds is not None else tensor_thresholds(deltas, k))
-    return ties_merge(deltas, keep)
+        return _trimmed_ties(deltas, None)
+    return _trimmed_ties(deltas, thresholds if thresholds is not None else tensor_thresholds(deltas, k))
+
+
+def _below(threshold: float, dtype: torch.dtype) -> float | None:
+    """The largest ``dtype`` value below ``threshold`` rounded to ``dtype`` (``None``: keep everything).
+
+    For ``x`` of ``dtype``, ``|x| >= threshold`` (compared in ``dtype``, as :func:`trim_masks` does)
+    is ``|x| > bound``: what ``hardshrink(x, bound)`` keeps, in one pass.
+    """
+    value = torch.tensor(threshold, dtype=torch.float32).to(dtype)
+    if not float(value) > 0:
+        return None
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
+    return float((value.view(ints) - 1).view(dtype))  # positive floats: the previous pattern
+
+
+def _trimmed_ties(deltas: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """``ties_merge(deltas, trim_masks(deltas, thresholds))`` (``None``: no trim), in blocks.
+
+    Each block of entries is trimmed for all tasks into a small scratch (``hardshrink``: one pass),
+    its signs elected and its agreeing entries averaged while the block is in cache. The sums run
+    over the tasks in the same order with the same values as :func:`ties_merge`, so the results are
+    equal; the only full-size allocation is the result.
+    """
+    count = deltas.shape[0]
+    dtype, device = deltas.dtype, deltas.device
+    flat = deltas.reshape(count, -1)
+    n = flat.shape[1]
+    merged = torch.empty(n, dtype=dtype, device=device)
+    if n == 0 or count == 0:
+        return merged.zero_().reshape(deltas.shape[1:])
+    bounds: list[float | None] = [None] * count
+    if thresholds is not None:
+        limits = thresholds.to(device="cpu", dtype=torch.float32).tolist()
+        if dtype == torch.float64:  # magnitudes are compared in float32 (see trim_masks)
+            bounds = [float("nan")] * count
+        else:
+            bounds = [_below(v, dtype) for v in limits]
+    step = min(n, max(1 << 12, _MERGE_BYTES // (count * deltas.element_size())))
+    trimmed = torch.empty((count, step), dtype=dtype, device=device)
+    gamma = torch.empty(step, dtype=dtype, device=device)
+    work = torch.empty(step, dtype=dtype, device=device)
+    mask = torch.empty(step, dtype=torch.bool, device=device)
+    agreeing = torch.empty(step, dtype=torch.uint8 if count < 256 else torch.int32, device=device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        width = stop - start
+        g, s, m, c = gamma[:width], work[:width], mask[:width], agreeing[:width]
+        g.zero_()
+        for t in range(count):
+            d, tr = flat[t, start:stop], trimmed[t, :width]
+            bound = bounds[t]
+            if bound is None:
+                tr.copy_(d)
+            elif bound != bound:  # float64: |d| rounded to float32 against the float32 threshold
+                torch.ge(torch.abs(d, out=s).float(), limits[t], out=m)
+                torch.mul(d, m, out=tr)
+            else:
+                torch.ops.aten.hardshrink.out(d, bound, out=tr)
+            g.add_(tr)
+        g.sign_()
+        out = merged[start:stop]
+        out.zero_()
+        c.zero_()
+        for t in range(count):
+            torch.mul(trimmed[t, :width], g, out=s)  # |trimmed| where its sign is the elected one
+            torch.gt(s, 0, out=m)
+            c.add_(m)
+            out.add_(s.clamp_(min=0))
+        out.mul_(g).div_(c.clamp_(min=1))
+    return merged.reshape(deltas.shape[1:])
 
 
 class GlobalThreshold:
@@ -179,11 +253,12 @@ class GlobalThreshold:
             raise MethodInputError(f"tensors have {count} task vectors, earlier ones had {self.tasks}")
 
     @staticmethod
-    def _chunks(row: torch.Tensor):
+    def _halves(row: torch.Tensor):
+        """Per chunk: the high and low 16-bit halves of the float32 patterns (strided int16 views)."""
         flat = row.reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
-            # A view of the float32 pattern; |x| is the pattern with the sign bit cleared.
-            yield flat[start:start + _CHUNK].float().view(torch.int32)
+            halves = flat[start:start + _CHUNK].float().view(torch.int16)
+            yield halves[_HIGH_HALF::2], halves[1 - _HIGH_HALF::2]
 
     def observe(self, pass_index: int, deltas: torch.Tensor) -> dict[str, torch.Tensor]:
         """This tensor's histograms for pass ``pass_index``.
@@ -196,24 +271,29 @@ class GlobalThreshold:
             ``{f"{key}.high": (T, HIGH_BINS)}`` or ``{f"{key}.low": (T, LOW_BINS)}``, int64 counts.
         """
         count = deltas.shape[0]
+        # |x|'s pattern is x's with the sign bit cleared: the high half's top bit.
+        size = min(deltas[0].numel(), _CHUNK) if count else 0
+        high = torch.empty(size, dtype=torch.int16, device=deltas.device)
         if pass_index == 0:
             self._check_tasks(count)
             hist = torch.zeros((count, HIGH_BINS), dtype=torch.int64, device=deltas.device)
             for t in range(count):
-                for bits in self._chunks(deltas[t]):
-                    high = (bits >> 16).bitwise_and_(HIGH_BINS - 1)
-                    hist[t] += torch.bincount(high, minlength=HIGH_BINS)
+                for hi, _ in self._halves(deltas[t]):
+                    bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
+                    hist[t] += torch.bincount(bins, minlength=HIGH_BINS)
             return {f"{self.key}.high": hist}
         if pass_index == 1:
             if self._high_bin is None:
                 raise MethodStateError("global threshold: pass 1 observed before pass 0 finished")
             self._check_tasks(count)
             hist = torch.zeros((count, LOW_BINS), dtype=torch.int64, device=deltas.device)
+            inside = torch.empty(size, dtype=torch.bool, device=deltas.device)
             for t in range(count):
                 wanted = int(self._high_bin[t])
-                for bits in self._chunks(deltas[t]):
-                    inside = ((bits >> 16).bitwise_and_(HIGH_BINS - 1)) == wanted
-                    low = bits[inside].bitwise_and_(LOW_BINS - 1)
+                for hi, lo in self._halves(deltas[t]):
+                    bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
+                    selected = torch.eq(bins, wanted, out=inside[:hi.numel()])
+                    low = lo[selected].to(torch.int32).bitwise_and_(LOW_BINS - 1)
                     hist[t] += torch.bincount(low, minlength=LOW_BINS)
             return {f"{self.key}.low": hist}
         raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")

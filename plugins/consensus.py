@@ -35,8 +35,15 @@ Choices:
   0.2–0.6).
 
 The mask computations (:func:`tall_masks`, :func:`consensus_mask`,
-:func:`multitask_vector`) are plain functions so that per-task TALL-mask deployments can
-reuse them.
+:func:`multitask_vector`) are plain functions, reused by the per-task TALL-mask deployment.
+
+**TALL-mask deployment** (method ``tall``, the paper's Section 4 "compression" use): instead of
+one merged model, one model per task ``θ_t = θ_0 + s·(m_t ⊙ τ_MTL)`` with the same ``τ_MTL``
+and masks as above, written as a deployment (:mod:`hubmerge.deployment`): ``θ_0`` and ``τ_MTL``
+stored once, one bit per entry and task. ``s`` is ``scale``, default 1 as in the reference
+code, which evaluates TALL masks at scaling coefficient 1.0; the inner method's own ``scale``
+does not apply (it is refused in ``inner_params``). ``tall_lambda`` may be one value or one per
+task (``{task: λ}``, task = expert label), since the paper picks λ per task on validation data.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from hubmerge.deployment import DeploymentMethod, MaskedTensor
+from hubmerge.errors import MethodParamError
 from hubmerge.hookspecs import hookimpl
 from hubmerge.method import MergeMethod, Params, TensorGroup
 
@@ -84,23 +93,27 @@ class ConsensusParams(Params):
     @field_validator("inner_params")
     @classmethod
     def _check_inner_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        inner = info.data.get("inner")
-        if inner is None:  # the inner name itself was invalid; that error is reported
-            return value
-        try:
-            inner_cls = _inner_class(inner)
-        except KeyError as exc:  # UnknownMethodError: the plugin is not installed
-            raise ValueError(f"inner method {inner!r} is not available: {exc}") from None
-        if "scale" not in inner_cls.Params.model_fields:
-            raise ValueError(f"inner method {inner!r} has no `scale` parameter")
-        try:
-            inner_cls.Params.model_validate(value)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or inner}: {err['msg']}" for err in exc.errors()
-            )
-            raise ValueError(f"{inner} parameter {problems}") from None
+        return _validate_inner_params(value, info.data.get("inner"))
+
+
+def _validate_inner_params(value: dict[str, Any], inner: str | None) -> dict[str, Any]:
+    """Check ``inner_params`` against the inner method's ``Params`` (which must have ``scale``)."""
+    if inner is None:  # the inner name itself was invalid; that error is reported
         return value
+    try:
+        inner_cls = _inner_class(inner)
+    except KeyError as exc:  # UnknownMethodError: the plugin is not installed
+        raise ValueError(f"inner method {inner!r} is not available: {exc}") from None
+    if "scale" not in inner_cls.Params.model_fields:
+        raise ValueError(f"inner method {inner!r} has no `scale` parameter")
+    try:
+        inner_cls.Params.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or inner}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"{inner} parameter {problems}") from None
+    return value
 
 
 def multitask_vector(inner: MergeMethod, group: TensorGroup) -> torch.Tensor:
@@ -116,13 +129,13 @@ def multitask_vector(inner: MergeMethod, group: TensorGroup) -> torch.Tensor:
     return inner.merge_tensor(_zero_base(group))
 
 
-def tall_masks(deltas: torch.Tensor, mtl: torch.Tensor, tall_lambda: float) -> torch.Tensor:
+def tall_masks(deltas: torch.Tensor, mtl: torch.Tensor, tall_lambda: float | torch.Tensor) -> torch.Tensor:
     """TALL masks ``m_t = |τ_t| >= λ·|τ_MTL − τ_t|`` of every task.
 
     Args:
         deltas: Task vectors, shape ``(T, *shape)``.
         mtl: The multi-task vector, shape ``shape``.
-        tall_lambda: ``λ``.
+        tall_lambda: ``λ``, or one per task as a tensor of shape ``(T, 1, ..., 1)``.
 
     Returns:
         Boolean masks, shape ``(T, *shape)``.
@@ -222,7 +235,127 @@ class Consensus(MergeMethod):
         return group.base + self.inner_scale * torch.where(keep, mtl, torch.zeros_like(mtl))
 
 
+class TallParams(Params):
+    """Parameters of the TALL-mask deployment."""
+
+    tall_lambda: float | dict[str, float] = Field(
+        0.4,
+        description="λ of the TALL masks m_t = |τ_t| >= λ·|τ_MTL − τ_t| (larger keeps fewer entries): one value, "
+        "or one per task as {task: λ} (task = the expert's label).",
+    )
+    inner: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="Method that builds the multi-task vector τ_MTL (applied unscaled)."
+    )
+    inner_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Parameters of the inner method except `scale` (e.g. {k: 0.2} for ties); τ_MTL is built "
+        "with scale 1.",
+    )
+    scale: float = Field(
+        1.0, allow_inf_nan=False,
+        description="s in θ_t = θ_0 + s·(m_t ⊙ τ_MTL); 1 as the reference code evaluates TALL masks.",
+    )
+
+    @field_validator("tall_lambda")
+    @classmethod
+    def _check_lambda(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        values = value.values() if isinstance(value, dict) else [value]
+        if isinstance(value, dict) and not value:
+            raise ValueError("give one λ, or one per task")
+        for v in values:
+            if not (v >= 0 and v != float("inf")):
+                raise ValueError(f"λ must be finite and >= 0, got {v}")
+        return value
+
+    @field_validator("inner_params")
+    @classmethod
+    def _check_inner_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "scale" in value:
+            raise ValueError("the TALL deployment builds τ_MTL unscaled and applies its own `scale` "
+                             "(params.scale); remove `scale` from inner_params")
+        return _validate_inner_params(value, info.data.get("inner"))
+
+
+class TallMasks(DeploymentMethod):
+    """Per-task TALL masks over the inner method's multi-task vector: one model per task (a deployment)."""
+
+    name = "tall"
+    summary = ("TALL masks: per task, the multi-task vector restricted to the entries carrying that task; one "
+               "model per task from a shared store")
+    paper = Consensus.paper
+    Params = TallParams
+
+    def __init__(self, params: Params | dict[str, Any] | None = None):
+        """Create the method and its inner method (with ``scale = 1``).
+
+        Args:
+            params: A ``TallParams`` or a mapping validated against it.
+        """
+        super().__init__(params)
+        inner_cls = _inner_class(self.params.inner)
+        inner_params = inner_cls.Params.model_validate({**self.params.inner_params, "scale": 1.0})
+        self.inner = inner_cls(inner_params)
+        self.prepasses = self.inner.prepasses
+        self.elementwise = self.inner.elementwise
+
+    def check_experts(self, count: int) -> None:
+        """Refuse what this method or the inner method cannot merge."""
+        super().check_experts(count)
+        self.inner.check_experts(count)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse a compute dtype this method or the inner method cannot use."""
+        super().check_dtype(dtype)
+        self.inner.check_dtype(dtype)
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """A per-task ``tall_lambda`` must name exactly the experts' labels.
+
+        Raises:
+            MethodParamError: Naming ``tall_lambda``.
+        """
+        lam = self.params.tall_lambda
+        if isinstance(lam, dict):
+            missing = [t for t in tasks if t not in lam]
+            unknown = [t for t in lam if t not in tasks]
+            if missing or unknown:
+                raise MethodParamError(
+                    "one λ per task must name every task exactly"
+                    + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else "")
+                    + f" (tasks: {tasks})", field="tall_lambda")
+
+    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
+        """Forward the inner method's pre-pass (same group, zero base)."""
+        return self.inner.observe(pass_index, _zero_base(group))
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Forward the inner method's pre-pass totals."""
+        self.inner.finish_pass(pass_index, totals)
+
+    def lambdas(self, group: TensorGroup) -> float | torch.Tensor:
+        """``tall_lambda`` for this group's tasks: a float, or ``(T, 1, ..., 1)``."""
+        lam = self.params.tall_lambda
+        if not isinstance(lam, dict):
+            return float(lam)
+        values = torch.tensor([lam[t] for t in group.experts], dtype=group.deltas.dtype, device=group.deltas.device)
+        return values.reshape(-1, *([1] * group.base.dim()))
+
+    def deploy_tensor(self, group: TensorGroup) -> MaskedTensor:
+        """``τ_MTL`` and every task's TALL mask of one tensor."""
+        mtl = multitask_vector(self.inner, group)
+        masks = tall_masks(group.deltas, mtl, self.lambdas(group))
+        scale = float(self.params.scale)
+        return MaskedTensor(mtl, masks, None if scale == 1.0 else [scale] * group.deltas.shape[0])
+
+    def deployment_info(self) -> dict[str, Any]:
+        """Parameters (the inner method and λ)."""
+        params = self.params.model_dump(mode="json")
+        return {"method": self.name, "params": params, "inner": self.params.inner,
+                "inner_params": self.inner.params.model_dump(mode="json")}
+
+
 @hookimpl
 def hubmerge_register_methods(register):
-    """Register consensus merging."""
+    """Register consensus merging and the TALL-mask deployment."""
     register(Consensus)
+    register(TallMasks)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import signal
 import struct
@@ -308,9 +307,15 @@ def _out_recipe(tmp_path: Path, tiny_models, output: str) -> Path:
                         method="task_arithmetic", output={"path": output})
 
 
-def test_recipe_output_with_dotdot_refused(tiny_models, tmp_path):
-    with pytest.raises(RecipeError, match=r"output\.path.*'\.\.'"):
-        load_recipe(_out_recipe(tmp_path, tiny_models, "../../escape"))
+def test_recipe_output_climbing_out_with_dotdot_refused(tiny_models, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    recipe = load_recipe(_out_recipe(work, tiny_models, "../../escape"))  # loads: --output can override it
+    with pytest.raises(RecipeError, match=r"output\.path: \.\./\.\./escape resolves to .* outside .*'\.\.'"):
+        merge(recipe)
+    assert not (tmp_path.parent / "escape").exists()
+    assert merge(recipe, output=tmp_path / "chosen").output_dir == tmp_path / "chosen"
 
 
 def test_output_that_is_a_symlink_refused(tiny_models, tmp_path):

@@ -27,7 +27,7 @@ import uvicorn
 from safetensors.torch import save_file
 from starlette.responses import JSONResponse
 
-import hubmerge.hub as hub
+from hubmerge import hub
 from hubmerge.errors import HubError
 from hubmerge.hub import push_folder
 from hubmerge.localhub.app import create_app
@@ -271,7 +271,7 @@ def test_persistent_5xx_gives_up_with_a_clear_message_and_repo_unchanged(hub_fau
 
 
 def test_client_errors_are_not_retried(hub_faults, tmp_path):
-    api, repo = _new_repo(hub_faults)
+    _, repo = _new_repo(hub_faults)
     hub_faults.rules.append(Rule("POST", COMMIT, times=100, status=400))
     with pytest.raises(HubError, match="HTTP 400"):
         push_folder(_folder(tmp_path, 3), repo, endpoint=hub_faults.endpoint)
@@ -348,7 +348,7 @@ def test_racing_pushes_with_parent_commit_one_wins_whole(hub_faults, tmp_path):
 
 def test_huggingface_hub_itself_retries_preupload_5xx(hub_faults, tmp_path):
     """What the client library already covers: preupload/LFS calls go through its own backoff."""
-    api, repo = _new_repo(hub_faults)
+    _, repo = _new_repo(hub_faults)
     hub_faults.rules.append(Rule("POST", r"/preupload/", times=1, status=503))
     folder = _folder(tmp_path, 7)
     push_folder(folder, repo, endpoint=hub_faults.endpoint)

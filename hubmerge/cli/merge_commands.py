@@ -34,6 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--push", action="store_true", help="push the result to output.repo (or --repo)")
     p.add_argument("--repo", help="Hub repo to push to (overrides output.repo; implies --push)")
+    _add_executor_options(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -76,6 +77,68 @@ def _load_checked(path: str, assignments: list[str] | None = None):
 # -- end recipe registry ---------------------------------------------------------------------------------------
 
 
+# -- distributed executor (hubmerge.distributed): `run --executor ray [--address A] [--workers N]` ----------------
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: one task per output shard on a Ray cluster "
+                        "(inputs and output on a path every worker sees)")
+    p.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--workers", type=int, metavar="N", help="most Ray tasks at once (default: what Ray schedules)")
+    p.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="times Ray re-runs a shard whose worker died (default 3)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, metavar="C",
+                   help="CPUs (= torch threads) per Ray task (default 1)")
+
+
+def _distributed(args: argparse.Namespace) -> bool:
+    return getattr(args, "executor", "local") == "ray"
+
+
+def _check_executor(args: argparse.Namespace, recipe, method) -> None:
+    """Refuse what the Ray executor cannot run, before any work."""
+    from ..errors import RecipeError
+
+    if not _distributed(args):
+        return
+    if recipe.flexmerge is not None:
+        raise RecipeError("--executor ray runs single-output recipes; FlexMerge recipes run locally",
+                          field="flexmerge", file=args.recipe)
+    if method.output != "model" or recipe.output.format != "model":
+        raise RecipeError("--executor ray writes single merged models; per-task deployments and adapter "
+                          "outputs run locally", field="method", file=args.recipe)
+    if args.workers is not None and args.workers < 1:
+        raise RecipeError("--workers must be at least 1", file=args.recipe)
+    if args.max_retries < 0:
+        raise RecipeError("--max-retries must be 0 or more", file=args.recipe)
+    if args.cpus_per_worker <= 0:
+        raise RecipeError("--cpus-per-worker must be positive", file=args.recipe)
+
+
+def _print_units(recipe, method, inputs) -> None:
+    """The dry run's unit plan (one Ray task per output shard)."""
+    from ..distributed import describe_units, plan_recipe_units
+
+    units = plan_recipe_units(recipe, method, inputs)
+    print(f"executor: ray, {len(units)} units (one task per output shard)")
+    for line in describe_units(units, method.prepasses + 1):
+        print(f"  {line}")
+
+
+def _merge_with_executor(args: argparse.Namespace, recipe, progress):
+    """``engine.merge`` or, with ``--executor ray``, ``distributed.merge_with_ray`` (same output)."""
+    from ..engine import merge
+
+    if not _distributed(args):
+        return merge(recipe, output=args.output, device=args.device, overwrite=args.overwrite,
+                     progress=progress, file=args.recipe)
+    from ..distributed import merge_with_ray
+
+    return merge_with_ray(recipe, address=args.address, workers=args.workers, max_retries=args.max_retries,
+                          output=args.output, device=args.device, overwrite=args.overwrite, progress=progress,
+                          file=args.recipe, num_cpus=args.cpus_per_worker)
+# -- end distributed executor ---------------------------------------------------------------------------------
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate schema, method and parameters, then (unless --schema-only) resolve and check inputs."""
     from ..engine import open_inputs
@@ -85,6 +148,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from ..flexmerge import check_flexmerge
 
         check_flexmerge(recipe, file=args.recipe)
+    # -- per-task deployments (hubmerge.deployment) --------------------------------------------------------
+    elif method.output == "deployment":
+        from ..deployment import check_deployment
+
+        check_deployment(recipe, file=args.recipe)
+    # -- end per-task deployments ------------------------------------------------------------------------
     if not args.schema_only:
         inputs = open_inputs(recipe)
         tensors = len(inputs.base_checkpoint.meta)
@@ -123,14 +192,17 @@ class _Bar:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a recipe with a progress bar and print where the result went."""
-    from ..engine import merge, open_inputs
+    from ..engine import open_inputs
     from ..writer import plan_shards
 
     recipe, method = _load_checked(args.recipe, args.set)
-    if recipe.flexmerge is not None:
+    _check_executor(args, recipe, method)  # distributed executor
+    # -- per-task deployments: FlexMerge sizes, EMR / TALL (hubmerge.deployment) ----------------------------
+    if recipe.flexmerge is not None or method.output == "deployment":
         from .flexmerge_commands import run_recipe
 
         return run_recipe(args, recipe)
+    # -- end per-task deployments ------------------------------------------------------------------------
     if args.dry_run:
         from ..engine import output_specs
 
@@ -150,14 +222,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"passes over the inputs: {passes} ({inputs.bytes_per_pass / 1e6:.1f} MB each)")
             for i, shard in enumerate(shards, 1):
                 print(f"shard {i}/{len(shards)}: {len(shard)} tensors, {sum(s.nbytes for s in shard) / 1e6:.1f} MB")
+            if _distributed(args):  # distributed executor
+                _print_units(recipe, method, inputs)
             print(f"output: {Path(args.output or recipe.output.path or '?')}")
         finally:
             inputs.close()
         return 0
     bar = _Bar(enabled=not args.no_progress)
     try:
-        result = merge(recipe, output=args.output, device=args.device, overwrite=args.overwrite,
-                       progress=bar, file=args.recipe)
+        result = _merge_with_executor(args, recipe, bar)  # engine.merge unless --executor ray
     finally:
         bar.close()
     print(f"merged {result.tensors} tensors with {result.method.name} in {result.seconds:.1f}s "

@@ -38,7 +38,7 @@ class _CardLoader(yaml.SafeLoader):
     aliases = 0
     depth = 0
 
-    def compose_node(self, parent, index):  # noqa: D401
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > _MAX_YAML_ALIASES:
@@ -63,7 +63,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, int):
         return value if abs(value) <= _MAX_COUNT else str(value)
     if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else str(value)
+        return value if math.isfinite(value) else str(value)
     return str(value)
 
 
@@ -95,7 +95,7 @@ def parse_card_metadata(text: str) -> dict | None:
     if match is None:
         return None
     try:
-        data = yaml.load(match.group(2), Loader=_CardLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(match.group(2), Loader=_CardLoader)  # a SafeLoader subclass
     except Exception as exc:  # noqa: BLE001 - YAMLError, and ValueError/IndexError... from bad scalars
         raise ValueError(f"Invalid YAML in the model card metadata: {exc}"[:1000]) from None
     if data is None:

@@ -12,7 +12,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-
 #: Token kinds of a compiled pattern.
 _LITERAL, _ONE, _CLASS, _STAR, _ANY, _DIRS = range(6)
 

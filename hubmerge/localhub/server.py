@@ -204,6 +204,8 @@ def serve(
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logger.isEnabledFor(logging.INFO):  # where to point clients is always worth saying
+        logger.setLevel(logging.INFO)
     server = LocalHubServer(
         data_dir,
         host=host,
@@ -214,7 +216,7 @@ def serve(
         log_level="info",
     )
     token_hint = (
-        "the token given on the command line"
+        "the token it was started with"
         if token
         else f"the token stored in {server.data_dir / TOKEN_FILE_NAME}"
     )

@@ -169,6 +169,10 @@ async def commit(
             scan_from = len(buffer)  # only the new bytes can hold a newline
             buffer += chunk
             while (newline := buffer.find(b"\n", scan_from)) >= 0:
+                if newline > MAX_COMMIT_LINE:
+                    raise LocalHubRequestError(
+                        "Commit payload line too long (regular files are limited to 10 MiB)."
+                    )
                 line = bytes(buffer[:newline])
                 del buffer[: newline + 1]
                 scan_from = 0
