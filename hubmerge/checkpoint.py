@@ -289,17 +289,56 @@ class Checkpoint:
             raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} does not fit tensor {name!r}")
         if not nbytes:
             return
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._pread(meta, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset)
+
+    def read_converted_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None,
+                            chunk_bytes: int = 8 << 20) -> None:
+        """Read a floating tensor (or a block of its rows) into ``out`` of another floating dtype.
+
+        The stored bytes go through a scratch buffer of at most ``chunk_bytes``, converted chunk
+        by chunk: no temporary of the tensor's size, and ``out`` may be a reused buffer.
+
+        Args:
+            name: Tensor name.
+            out: A contiguous CPU floating tensor with the right number of elements.
+            rows: ``(start, stop)`` along dim 0, or ``None`` for the whole tensor.
+            chunk_bytes: Size of the scratch buffer.
+
+        Raises:
+            ValueError: If ``out`` does not fit or a dtype is not floating.
+            CheckpointError: If the file cannot be read or is shorter than its header says.
+        """
+        meta = self.meta[name]
+        size = dtype_size(meta.dtype)
+        offset, count = meta.offset, meta.nbytes // size
+        if rows is not None:
+            row = count // meta.shape[0] if meta.shape and meta.shape[0] else 0
+            offset, count = offset + rows[0] * row * size, (rows[1] - rows[0]) * row
+        if (out.numel() != count or not out.is_contiguous() or out.device.type != "cpu"
+                or not (out.dtype.is_floating_point and meta.dtype.is_floating_point)):
+            raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} does not fit tensor {name!r}")
+        flat = out.reshape(-1)
+        step = max(1, min(count, chunk_bytes // size))
+        scratch = torch.empty(step if count else 0, dtype=meta.dtype)
+        raw = memoryview(scratch.view(torch.uint8).numpy()) if count else None
+        for start in range(0, count, step):
+            width = min(step, count - start)
+            self._pread(meta, raw[:width * size], offset + start * size)
+            flat[start:start + width].copy_(scratch[:width])
+
+    def _pread(self, meta: TensorMeta, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``meta.file`` at ``offset`` (``preadv``, GIL released)."""
+        nbytes = view.nbytes
         try:
             fd = self._fd(meta.file)
             done = 0
             while done < nbytes:
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
-                    raise CheckpointError(f"{meta.file}: unexpected end of file reading tensor {name!r}")
+                    raise CheckpointError(f"{meta.file}: unexpected end of file reading tensor {meta.name!r}")
                 done += n
         except OSError as exc:
-            raise CheckpointError(f"{meta.file}: cannot read tensor {name!r} ({exc})") from None
+            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.name!r} ({exc})") from None
 
     def _fd(self, file: Path) -> int:
         with self._lock:

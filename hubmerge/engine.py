@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import HubmergeError, IncompatibleModelError, ModelReferenceError, RecipeError
 from .method import MergeMethod, TensorGroup
 from .recipe import Recipe, check_recipe
-from .sources import Expert, ResolvedModel, open_expert, resolve
+from .sources import Expert, FullExpert, ResolvedModel, open_expert, resolve
 from .writer import ShardedWriter, TensorSpec, confine_output_path
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,9 @@ def plan_items(inputs: MergeInputs, names: list[str], *, elementwise: bool, dtyp
     return items
 
 
+#: Bytes of work items read ahead of the one being merged (see :func:`prefetched`).
+PREFETCH_BYTES = 1024 * 1024 * 1024
+
 #: Marks an expert whose full weight was read straight into the stacked buffer.
 IN_BUFFER = object()
 
@@ -185,12 +188,18 @@ class BufferPool:
     prefetch look-ahead by two and the consumer finishes an item before asking for the next.
     """
 
+    #: Larger requests get memory of their own, freed with their item: a slot keeping the
+    #: stacked embeddings of a large model would hold gigabytes for the rest of the merge.
+    max_bytes = 256 * 1024 * 1024
+
     def __init__(self, slots: int):
         self._buffers: list[torch.Tensor | None] = [None] * slots
 
     def take(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous tensor of ``shape``/``dtype`` backed by slot ``slot``'s memory."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.max_bytes:
+            return torch.empty(shape, dtype=dtype)
         index = slot % len(self._buffers)
         buffer = self._buffers[index]
         if buffer is None or buffer.numel() < nbytes:
@@ -228,11 +237,34 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
             if stacked is not None and expert.read_weight_into(item.name, stacked[i], item.rows):
                 payloads.append(IN_BUFFER)
                 nbytes += stacked[i].nbytes
+            elif stacked is not None and _read_widened(expert, item, stacked[i]):
+                payloads.append(IN_BUFFER)
+                nbytes += stacked[i].numel() * expert.checkpoint.meta[item.name].dtype.itemsize
             else:
                 payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
                 payloads.append(payload)
                 nbytes += _payload_bytes(payload)
     return Fetched(item, base, payloads, nbytes, stacked)
+
+
+#: Exact conversions (every value representable): float16/bfloat16 to float32 or float64, float32 to float64.
+_WIDER = {torch.float16: (torch.float32, torch.float64), torch.bfloat16: (torch.float32, torch.float64),
+          torch.float32: (torch.float64,)}
+
+
+def _read_widened(expert: Expert, item: WorkItem, out: torch.Tensor) -> bool:
+    """Read a full fine-tune's half-precision weight into the compute-dtype buffer, converting in chunks.
+
+    The reader thread converts (off the merge thread) and no stored-dtype copy of the tensor is
+    kept. Only exact conversions, so the buffer holds the expert's weights bit for bit.
+    """
+    if not isinstance(expert, FullExpert):
+        return False
+    meta = expert.checkpoint.meta.get(item.name)
+    if meta is None or out.dtype not in _WIDER.get(meta.dtype, ()):
+        return False
+    expert.checkpoint.read_converted_into(item.name, out, item.rows)
+    return True
 
 
 def _payload_bytes(payload: Any) -> int:
@@ -300,25 +332,42 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
     meta = inputs.base_checkpoint.meta
     work = [WorkItem(i) if isinstance(i, str) else i for i in items]
     pool = BufferPool(lookahead + 2) if pooled_dtype is not None else None
+    width = (len(inputs.experts) + 1) * (pooled_dtype or torch.float32).itemsize
+
+    def item_bytes(item: WorkItem) -> int:  # what the item will hold in memory, roughly
+        m = meta[item.name]
+        elements = m.nbytes // max(1, m.dtype.itemsize)
+        if item.rows is not None and m.shape and m.shape[0]:
+            elements = elements // m.shape[0] * (item.rows[1] - item.rows[0])
+        return elements * width
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool_threads:
-        pending: list[Future] = []
-        it = enumerate(work)
+        pending: list[tuple[Future, int]] = []
+        upcoming = list(enumerate(work))[::-1]
 
-        def submit_next() -> None:
-            index, item = next(it, (None, None))
-            if item is not None:
-                pending.append(pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
-                                                   pool, index, pooled_dtype))
+        def top_up(consumer_idle: bool) -> None:
+            # Read ahead while the items in flight stay within PREFETCH_BYTES; a larger item is
+            # read only once nothing else is held, so two huge tensors are never in memory at once.
+            while upcoming and len(pending) < lookahead:
+                index, item = upcoming[-1]
+                size = item_bytes(item)
+                held = sum(b for _, b in pending)
+                if (pending or not consumer_idle) and held + size > PREFETCH_BYTES:
+                    return
+                upcoming.pop()
+                pending.append((pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
+                                                    pool, index, pooled_dtype), size))
 
-        for _ in range(lookahead):
-            submit_next()
+        top_up(True)
         try:
             while pending:
-                fetched = pending.pop(0).result()
-                submit_next()
+                fetched = pending.pop(0)[0].result()
+                top_up(False)
                 yield fetched
+                del fetched  # the consumer is done with it
+                top_up(True)
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
 
 
@@ -466,6 +515,7 @@ def _merge_loop(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem],
         del merged
         if on_item is not None:
             on_item(fetched)
+        del fetched  # its buffers are free before the next item is read
 
 
 @dataclass

@@ -160,14 +160,6 @@ class OutputWriteError(HubmergeError, OSError):
 
 
 class SuiteError(HubmergeError, RuntimeError):
-    """The demo suite cannot be built or opened (missing domain, data package, corrupt manifest)."""
-
-
-class UnknownTaskError(SuiteError, LookupError):
-    """A task or expert name is not in the suite."""
-
-
-class SuiteError(HubmergeError, RuntimeError):
     """The demo/benchmark suite cannot be built or opened (missing data package, corrupt manifest...)."""
 
 

@@ -297,3 +297,26 @@ def test_publish_flexmerge_to_branches_with_cards_and_plot(local_hub, tiny_model
 
     with pytest.raises(DeploymentError, match="size-1"):
         load_task_model("dep/flex", "e1")
+
+
+def test_cli_run_publishes_an_emr_deployment_to_main(local_hub, small, tmp_path, capsys):
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+    from hubmerge.cli import main
+
+    recipe = write_recipe(tmp_path / "emr.yaml", base=str(small["base"]), experts=[str(small[t]) for t in TASKS],
+                          method="emr", output={"path": str(tmp_path / "emr-out"), "repo": "dep/emr"})
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    assert "pushed to dep/emr@main" in capsys.readouterr().out
+    files = set(HfApi().list_repo_files("dep/emr"))
+    assert {"deployment.json", "deployment.safetensors", "README.md", "hubmerge_recipe.yaml"} <= files
+    assert "accuracy_vs_size.png" not in files  # no evaluation given, no plot
+    card = ModelCard.load(hf_hub_download("dep/emr", "README.md"))
+    assert card.data.base_model_relation == "merge" and {"hubmerge", "merge", "emr"} <= set(card.data.tags)
+    assert "| size | revision | model-equivalents | stored |" in card.text
+    # base_model lists Hub repos only: these inputs are local directories
+    assert card.data.base_model is None
+    model = load_task_model("dep/emr", "t1")
+    local = Deployment(tmp_path / "emr-out")
+    assert torch.equal(model.state_dict()["w"] if "w" in model.state_dict() else local.tensor("t1", "w"),
+                       local.tensor("t1", "w"))

@@ -171,10 +171,19 @@ def test_downloads_during_commits_see_whole_revisions(local_hub, raw, auth, repo
 # -------------------------------------------------------------------- hostile requests
 
 
+def _laughs(width: int = 17, levels: int = 5) -> list[str]:
+    """A "billion laughs" card: ``width ** levels`` (1.4 million) strings from 68 aliases in ~1 KB.
+
+    Small enough that a server without the alias limit survives it (and fails the test by
+    accepting it) rather than the test run; a deeper one (9 ** 9) is refused the same way.
+    """
+    return [f"a0: &a0 [{', '.join(['x'] * width)}]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+
+
 def _bombs() -> list[tuple[str, str, str, dict, object, set[int]]]:
     deep = b"[" * 100_000 + b"]" * 100_000
-    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
-        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    laughs = _laughs()
     return [
         # (what, method, path, extra headers, body, accepted statuses); "REPO" is replaced
         ("json nested 100k deep", "POST", "/api/repos/create", {}, deep, {400}),
@@ -248,9 +257,7 @@ def test_backtracking_gitignore_answered_quickly(raw, auth, repo):
 
 
 def test_stored_hostile_content_does_not_break_info_endpoints(raw, auth, repo):
-    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
-        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
-    readme = ("---\n" + "\n".join(laughs) + "\n---\n# card\n").encode()
+    readme = ("---\n" + "\n".join(_laughs()) + "\n---\n# card\n").encode()
     config = b'{"model_type": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     header = json.dumps({"w": {"dtype": "F32", "shape": [10**30, 10**30, 10**30], "data_offsets": [0, 0]}}).encode()
     weights = len(header).to_bytes(8, "little") + header
