@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,8 @@ def build(out: Path, config: TextConfig, *, final: Path | None = None) -> dict[s
         base_acc = _accuracy(base, head, x_te, y_te)
 
         seed = config.seed + 100 + i
-        with seeded(seed), _quiet_transformers():
+        with seeded(seed), _quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft on transformers 5: is_gradient_checkpointing
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               target_modules=list(config.target_modules), bias="none")
             model = get_peft_model(BertModel.from_pretrained(base_dir, local_files_only=True), lora)

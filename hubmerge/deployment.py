@@ -26,7 +26,8 @@ Manifest, ``format_version`` 1::
       "model_class": "BertModel",               # the base config's architectures[0], or null
       "weights": [{"name": "...", "shape": [..], "dtype": "F32"}, ...],   # one task's checkpoint, in order
       "views": {"<task>": {"<weight name>": <entry>, ...}, ...},
-      "storage": {"bytes": 123, "model_bytes": 100, "model_equivalents": 1.23},
+      "storage": {"bytes": 123, "tensor_bytes": 119, "scalar_bytes": 4,
+                  "model_bytes": 100, "model_equivalents": 1.23},
       "flexmerge": {...}                        # producer-specific details, keyed by kind
     }
 
@@ -943,6 +944,9 @@ def run_deployment(recipe, *, output: str | Path | None = None, device: str | No
         writer.add_file("README.md", str(card))
         result.output_dir = writer.finish(info)
         result.extra["deployment"] = {"kind": manifest["kind"], "tasks": tasks, "storage": manifest["storage"]}
+        if manifest["storage"]["model_equivalents"] > len(tasks):
+            logger.warning("the %s deployment stores %.3f model-equivalents, more than keeping the %d experts",
+                           manifest["kind"], manifest["storage"]["model_equivalents"], len(tasks))
         result.seconds = time.perf_counter() - started
         logger.info("deployment %s: %d tasks, %.3f model-equivalents in %.2fs", manifest["kind"], len(tasks),
                     manifest["storage"]["model_equivalents"], result.seconds)

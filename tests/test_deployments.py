@@ -316,7 +316,9 @@ def test_cli_run_publishes_an_emr_deployment_to_main(local_hub, small, tmp_path,
     assert "| size | revision | model-equivalents | stored |" in card.text
     # base_model lists Hub repos only: these inputs are local directories
     assert card.data.base_model is None
-    model = load_task_model("dep/emr", "t1")
-    local = Deployment(tmp_path / "emr-out")
-    assert torch.equal(model.state_dict()["w"] if "w" in model.state_dict() else local.tensor("t1", "w"),
-                       local.tensor("t1", "w"))
+    from huggingface_hub import snapshot_download
+
+    pushed, local = Deployment(snapshot_download("dep/emr")), Deployment(tmp_path / "emr-out")
+    for task in TASKS:
+        for name in ("w", "b", "n"):
+            assert torch.equal(pushed.tensor(task, name), local.tensor(task, name))
