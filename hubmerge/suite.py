@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -576,14 +577,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _module_from_base(suite: Suite, domain: str) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(suite.base_dir(domain), local_files_only=True)
-    with _quiet_transformers():
-        return AutoModel.from_config(config)
-
-
 def _base_keys(suite: Suite, domain: str) -> frozenset[str]:
     from safetensors import safe_open
 
@@ -635,15 +628,21 @@ def load_encoder(model: Any, suite: Suite, *, domain: str | None = None) -> torc
         return model.eval()
     if isinstance(model, Mapping):
         domain = domain or _domain_of_state_dict(model, suite)
-        module = _module_from_base(suite, domain)
-        expected = set(module.state_dict())
+        expected = _base_keys(suite, domain)
         missing, unexpected = sorted(expected - set(model)), sorted(set(model) - expected)
         if missing or unexpected:
             raise IncompatibleModelError(
                 f"state dict does not match the {domain} base: {len(missing)} missing "
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        from transformers import AutoConfig, AutoModel
+
+        # checkpoint names, converted by transformers exactly as when it reads model.safetensors
+        config = AutoConfig.from_pretrained(suite.base_dir(domain), local_files_only=True)
+        state = {k: v.detach().to(torch.float32) for k, v in model.items()}
         try:
-            module.load_state_dict({k: v.detach().to(torch.float32) for k, v in model.items()}, strict=True)
+            with _quiet_transformers():
+                module_class = AutoModel._model_mapping[type(config)]
+                module = module_class.from_pretrained(None, config=config, state_dict=state)
         except RuntimeError as exc:
             raise IncompatibleModelError(f"state dict does not fit the {domain} base: {exc}") from exc
         return module.eval()
@@ -681,16 +680,24 @@ def expert_state_dict(suite: Suite, name: str) -> dict[str, torch.Tensor]:
     """
     expert = suite.expert(name)
     module = load_encoder(expert.path, suite, domain=expert.domain)
-    if expert.kind == "lora":
-        module = module.merge_and_unload()
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if expert.kind != "lora":
+        return _checkpoint_tensors(expert.path)
+    module = module.merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:  # save_pretrained writes the checkpoint's names
+        with _quiet_transformers():
+            module.save_pretrained(tmp)
+        return _checkpoint_tensors(Path(tmp))
+
+
+def _checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
 
 
 def base_state_dict(suite: Suite, domain: str) -> dict[str, torch.Tensor]:
-    """The base encoder's weights of ``domain`` (float32, CPU)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(suite.base_dir(domain) / "model.safetensors"))
+    """The base encoder's weights of ``domain`` (float32, CPU), named as in its checkpoint."""
+    return _checkpoint_tensors(suite.base_dir(domain))
 
 
 def task_arithmetic(base: Mapping[str, torch.Tensor], experts: Iterable[Mapping[str, torch.Tensor]],

@@ -4,7 +4,8 @@ vectors that PEFT's ``merge_and_unload`` adds to the base, one tensor at a time.
 
 Modules:
     config: reading ``adapter_config.json`` with PEFT's classes; what is refused.
-    modules: PEFT's tensor keys and the mapping of module names onto the base.
+    modules: PEFT's tensor keys and the mapping of module names onto the base (checkpoint names,
+        or transformers' in-memory names where it renames the architecture's modules).
     expert: the :class:`~hubmerge.sources.Expert` common to all kinds.
     lora, ia3: the maths of each kind.
     export: writing merges back as adapters (stacked LoRA, truncated SVD).

@@ -22,7 +22,16 @@ from ..checkpoint import Checkpoint
 from ..errors import AdapterError, AdapterMismatchError, UnsafeCheckpointError
 from ..sources import Expert, ResolvedModel
 from .config import CONFIG_FILE, WEIGHTS_FILE, peft_type_name
-from .modules import FULL, AdapterTensor, NameMap, base_layer_types, map_names, parse_adapter_keys
+from .modules import (
+    FULL,
+    AdapterTensor,
+    NameAliases,
+    NameMap,
+    base_aliases,
+    base_layer_types,
+    map_names,
+    parse_adapter_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +119,16 @@ class AdapterExpert(Expert):
         self._plan: dict[str, TensorPlan] | None = None
         self._plan_lock = threading.Lock()
         self.name_map: NameMap | None = None
+        self.aliases: NameAliases | None = None
 
     # -- the Expert contract -----------------------------------------------------------
     def check(self, base: Checkpoint) -> None:
         """Map the adapter onto ``base`` and check every shape, reading headers only.
+
+        The adapter may name modules as the base checkpoint does or, when transformers
+        renames the architecture's modules in memory (ViT in transformers 5), as the model
+        in memory does (:func:`~hubmerge.adapters.modules.base_aliases`); either way the
+        plan is in the checkpoint's tensor names.
 
         Raises:
             AdapterMismatchError: A target module is absent from the base, or its tensors'
@@ -129,8 +144,13 @@ class AdapterExpert(Expert):
                     f"adapter {self.label!r}: tensor {tensor.key!r} is {dtype}, not floating point"
                 )
         targets = {t.target: self.describe_target(t) for t in self.tensors}
+        self.aliases = base_aliases(base.directory, base.meta.keys())
         self.name_map = map_names(
-            targets, base.meta.keys(), label=self.label, fits=lambda m: self._fits(m, base)
+            targets,
+            base.meta.keys(),
+            label=self.label,
+            fits=lambda m: self._fits(m, base),
+            aliases=self.aliases,
         )
         plans: dict[str, TensorPlan] = {}
         for tensor in self.tensors:
@@ -270,7 +290,10 @@ class AdapterExpert(Expert):
         if not plain:
             raise AdapterMismatchError(f"adapter {self.label!r}: {what}")
         layer = base_layer_types(str(base.directory))
-        kind = layer.get(weight.rpartition(".")[0]) if layer else None
+        module = weight.rpartition(".")[0]
+        if layer and self.aliases is not None and weight in self.aliases.to_memory:
+            module = self.aliases.memory_module(weight)[0]  # the layer classes are by in-memory name
+        kind = layer.get(module) if layer else None
         if kind == "Conv1D":
             return True
         if kind is not None and kind != "Conv1D":

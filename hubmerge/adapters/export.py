@@ -14,6 +14,11 @@ Two ways, both ending in an ``adapter_config.json`` written by PEFT's ``LoraConf
 
 Every written module gets ``lora_alpha = r`` (scaling 1); modules whose rank differs from the
 most common one get ``rank_pattern``/``alpha_pattern`` entries that match exactly their name.
+
+Modules are written under the names PEFT finds them by on the installed transformers: its
+in-memory names, which for some architectures differ from the checkpoint's (ViT in
+transformers 5: ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj``);
+see :func:`~hubmerge.adapters.modules.base_aliases`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ..errors import AdapterError
 from ..writer import ShardedWriter, TensorSpec
 from .config import CONFIG_FILE
 from .lora import LoraBiasUpdate, LoraExpert
-from .modules import PEFT_PREFIX
+from .modules import PEFT_PREFIX, NameAliases
 
 #: Layer classes a LoRA factor pair can be written for, and the layout of their weight.
 LAYER_TYPES = ("Linear", "Conv1D", "Embedding")
@@ -92,6 +97,8 @@ class LoraAdapterWriter:
 
     Only the factors stay in memory. The directory is written atomically by
     :class:`~hubmerge.writer.ShardedWriter` (stem ``adapter_model``) when :meth:`finish` is called.
+    Module names are written as given: give transformers' in-memory names
+    (:meth:`~hubmerge.adapters.modules.NameAliases.memory_module`), which PEFT looks for.
 
     Attributes:
         target: The output directory.
@@ -134,7 +141,7 @@ class LoraAdapterWriter:
         """Add the best rank-``rank`` approximation of a weight's task vector.
 
         Args:
-            module: The module's name in the base (``encoder.layer.0.attention.self.query``).
+            module: The module's in-memory name in the base (``encoder.layer.0.attention.self.query``).
             delta: The merged task vector of its weight, shaped like the weight.
             rank: Wanted rank (capped at the smaller dimension: exact there).
             layer_type: ``Linear``, ``Conv1D`` or ``Embedding``
@@ -167,8 +174,9 @@ class LoraAdapterWriter:
         """Save every parameter of ``module`` whole (PEFT's ``modules_to_save``), e.g. a changed LayerNorm.
 
         Args:
-            module: The module's name in the base.
-            tensors: Its parameters' new values by parameter name (``weight``, ``bias``), all of them.
+            module: The module's in-memory name in the base.
+            tensors: Its parameters' new values by in-memory parameter name (``weight``, ``bias``),
+                all of them.
         """
         if module in self.factors or module in self.saved:
             raise AdapterError(f"module {module!r} added twice to the adapter")
@@ -264,6 +272,8 @@ def stack_loras(
     For each module, ``A = [A_1; A_2; ...]`` and ``B = [c_1 s_1 B_1, c_2 s_2 B_2, ...]`` with
     ``s_i`` the expert's scaling there (rsLoRA and patterns included), so that
     ``B @ A = sum_i c_i s_i B_i @ A_i``; the rank is the sum of the experts' ranks at that module.
+    Modules are named as transformers names them in memory (the experts' ``aliases``), whatever
+    naming the experts themselves used.
 
     Args:
         experts: LoRA experts checked against the same base (:meth:`LoraExpert.check`).
@@ -277,7 +287,8 @@ def stack_loras(
 
     Raises:
         AdapterError: For a DoRA adapter (not linear in its factors), an adapter with
-            ``lora_bias`` or saved full tensors (``modules_to_save``, ``bias``), or a count mismatch.
+            ``lora_bias`` or saved full tensors (``modules_to_save``, ``bias``), a count mismatch,
+            or a base weight transformers does not load as a tensor of its own (fused experts).
     """
     if len(experts) != len(coefficients) or not experts:
         raise AdapterError(f"{len(coefficients)} coefficients for {len(experts)} adapters")
@@ -302,7 +313,8 @@ def stack_loras(
             )
             lora_A = expert.weights.get(update.keys["lora_A"]).float()
             lora_B = expert.weights.get(update.keys["lora_B"]).float() * (float(c) * update.scaling)
-            parts.setdefault(name.removesuffix(".weight"), []).append((lora_A, lora_B, layer_type))
+            module = _memory_module(name, expert.aliases, f"expert {expert.label!r}")
+            parts.setdefault(module, []).append((lora_A, lora_B, layer_type))
     writer = LoraAdapterWriter(Path(target), overwrite=overwrite)
     for module, pieces in parts.items():
         types = {t for _, _, t in pieces}
@@ -340,35 +352,56 @@ def low_rank_adapter(
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
+    aliases: NameAliases | None = None,
 ) -> LowRankAdapter:
     """Write merged task vectors as a LoRA adapter of rank ``rank`` (truncated SVD per module).
 
     Args:
-        delta_by_module: Module name (or its weight's name) to the merged task vector of its weight.
+        delta_by_module: Module name (or its weight's name) to the merged task vector of its weight;
+            checkpoint names with ``aliases``, else the names written.
         rank: Rank of every module (capped at its smaller dimension, where the adapter is exact).
         target: Output directory.
-        layer_types: Module name to layer class (``Linear``, ``Conv1D``, ``Embedding``), e.g.
-            :func:`~hubmerge.adapters.modules.base_layer_types` of the base directory.
+        layer_types: In-memory module name to layer class (``Linear``, ``Conv1D``, ``Embedding``),
+            e.g. :func:`~hubmerge.adapters.modules.base_layer_types` of the base directory.
         overwrite: Replace an existing directory that hubmerge did not write.
         base_model_name_or_path, revision: Recorded in ``adapter_config.json``.
         dtype: Dtype of the written factors.
+        aliases: The base's in-memory names (:func:`~hubmerge.adapters.modules.base_aliases`):
+            checkpoint names are written as transformers names the modules in memory.
 
     Returns:
         A :class:`LowRankAdapter` with the relative Frobenius error ``||Δ - Δ_r|| / ||Δ||`` per module.
 
     Raises:
-        AdapterError: A module of unknown or unsupported layer type, a non-matrix task vector, or
-            all task vectors zero.
+        AdapterError: A module of unknown or unsupported layer type, a non-matrix task vector,
+            all task vectors zero, or a weight transformers does not load as a tensor of its own.
     """
     writer = LoraAdapterWriter(Path(target), dtype=dtype, overwrite=overwrite)
     for name, delta in delta_by_module.items():
-        module = name.removesuffix(".weight")
+        weight = name if name.endswith(".weight") else f"{name}.weight"
+        module = _memory_module(weight, aliases, "low-rank adapter")
         layer_type = layer_types.get(module)
         if layer_type is None:
             raise AdapterError(f"module {module!r}: layer type unknown (give it in layer_types)")
         writer.add_delta(module, delta, rank, layer_type)
     path = writer.finish(base_model_name_or_path=base_model_name_or_path, revision=revision)
     return LowRankAdapter(path, dict(writer.errors))
+
+
+def _memory_module(weight: str, aliases: NameAliases | None, who: str) -> str:
+    """The in-memory module of the base weight ``weight`` (a checkpoint name)."""
+    if aliases is None:
+        return weight.removesuffix(".weight")
+    try:
+        module, param = aliases.memory_module(weight)
+    except AdapterError as exc:
+        raise AdapterError(f"{who}: {exc}") from None
+    if param != "weight":
+        raise AdapterError(
+            f"{who}: base weight {weight!r} is {module}.{param} in transformers' model, not a module's "
+            "weight; a LoRA factor pair cannot be written for it"
+        )
+    return module
 
 
 def _task_arithmetic(params, count: int) -> list[float]:

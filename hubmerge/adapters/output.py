@@ -8,6 +8,11 @@
   each changed weight of a ``Linear``/``Conv1D``/``Embedding`` module is written as its best
   rank-r approximation (truncated SVD); other changed modules (norms) are saved whole.
   The relative error per module is reported (and put in the card).
+
+Either way modules are named as PEFT on the installed transformers finds them — transformers'
+in-memory names, which for some architectures differ from the checkpoint's
+(:func:`~hubmerge.adapters.modules.base_aliases`) — while full-model outputs keep the
+checkpoint's names.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from ..errors import AdapterError, RecipeError
 from .export import LoraAdapterWriter, linear_coefficients, stack_loras
 from .lora import LoraExpert
-from .modules import base_layer_types
+from .modules import NameAliases, base_aliases, base_layer_types
 
 logger = logging.getLogger(__name__)
 ADAPTER_LAYERS = ("Linear", "Conv1D", "Embedding")
@@ -79,7 +84,12 @@ def write_adapter(recipe, method, inputs, target: Path, *, overwrite: bool, devi
         extra_files: More files to put in the directory (recipe, card).
 
     Returns:
-        ``(directory, errors)``: errors maps module to relative Frobenius error (empty when exact).
+        ``(directory, errors)``: errors maps module (in-memory name) to relative Frobenius error
+        (empty when exact).
+
+    Raises:
+        AdapterError: If a changed base tensor is one transformers does not load as a tensor
+            of its own (fused experts...), so no adapter module can carry it.
     """
     from ..engine import Progress, build_group, prefetched, run_prepasses
 
@@ -93,6 +103,7 @@ def write_adapter(recipe, method, inputs, target: Path, *, overwrite: bool, devi
         return stacked, {}
     layer_types = base_layer_types(str(inputs.base.directory)) or {}
     names = inputs.base_checkpoint.names()
+    aliases = base_aliases(inputs.base.directory, names)
     run_prepasses(method, inputs, names, device, dtype, progress)
     writer = LoraAdapterWriter(Path(target), overwrite=overwrite)
     changed_other: dict[str, dict[str, torch.Tensor]] = {}
@@ -100,21 +111,22 @@ def write_adapter(recipe, method, inputs, target: Path, *, overwrite: bool, devi
     for count, fetched in enumerate(prefetched(inputs, floating), 1):
         group = build_group(inputs, fetched, device, dtype)
         delta = method.merge_tensor(group) - group.base
-        module, _, param = fetched.name.rpartition(".")
-        layer = layer_types.get(module, "Linear" if delta.ndim == 2 else None)
-        if param == "weight" and delta.ndim == 2 and layer in ADAPTER_LAYERS:
-            if delta.abs().max() > 0:
+        if delta.abs().max() > 0:
+            module, param = _memory_module(fetched.name, aliases)
+            layer = layer_types.get(module, "Linear" if delta.ndim == 2 else None)
+            if param == "weight" and delta.ndim == 2 and layer in ADAPTER_LAYERS:
                 writer.add_delta(module, delta, recipe.output.rank, layer)
-        elif delta.abs().max() > 0:
-            changed_other.setdefault(module, {})[param] = group.base + delta
+            else:
+                changed_other.setdefault(module, {})[param] = group.base + delta
         if progress:
             progress(Progress("merge", count, len(floating), 0, 0))
+    owned = _params_by_module(names, aliases) if changed_other else {}
     for module, params in changed_other.items():
         if module in writer.factors:
             logger.warning("adapter output: %s of %s changed but a LoRA module cannot carry it; dropped",
                            ", ".join(params), module)
             continue
-        full = {p: inputs.base_checkpoint.get(f"{module}.{p}") for p in _params_of(inputs, module)}
+        full = {p: inputs.base_checkpoint.get(name) for p, name in owned.get(module, {}).items()}
         full.update(params)
         writer.add_module_to_save(module, full)
     for name, text in (extra_files or {}).items():
@@ -122,6 +134,23 @@ def write_adapter(recipe, method, inputs, target: Path, *, overwrite: bool, devi
     return writer.finish(base_model_name_or_path=base_name, revision=inputs.base.revision), dict(writer.errors)
 
 
-def _params_of(inputs, module: str) -> list[str]:
-    prefix = module + "."
-    return [n[len(prefix):] for n in inputs.base_checkpoint.meta if n.startswith(prefix) and "." not in n[len(prefix):]]
+def _memory_module(name: str, aliases: NameAliases | None) -> tuple[str, str]:
+    """In-memory module and parameter of the base tensor ``name``; a fused tensor is refused."""
+    if aliases is None:
+        module, _, param = name.rpartition(".")
+        return module, param
+    try:
+        return aliases.memory_module(name)
+    except AdapterError as exc:
+        raise AdapterError(f"adapter output: {exc}") from None
+
+
+def _params_by_module(names, aliases: NameAliases | None) -> dict[str, dict[str, str]]:
+    """In-memory module to its parameters: in-memory parameter name to checkpoint tensor name."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        if aliases is not None and name in aliases.converted:
+            continue
+        module, param = _memory_module(name, aliases)
+        out.setdefault(module, {})[param] = name
+    return out
