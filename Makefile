@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.hubmerge-installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-accuracy bench-mergekit clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_merge.py
+
+bench-accuracy: $(STAMP)
+	$(PY) benchmarks/bench_accuracy.py
+
+bench-mergekit: $(STAMP)
+	$(PY) benchmarks/bench_vs_mergekit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hubmerge-demo
