@@ -72,7 +72,10 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        # A header length may start with 0x80 or spell "PK" (its low bytes); a safetensors header
+        # itself always starts with "{", a pickle or zip archive never has it at byte 8.
+        looks_foreign = head[:2] == b"PK" or head[:1] == b"\x80"
+        if looks_foreign and fh.read(1) != b"{":
             raise UnsafeCheckpointError(
                 f"{path}: this is a pickle/zip file with a .safetensors name; refusing to read it"
             )
@@ -83,6 +86,7 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
             raise CheckpointError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + header_len > size:
             raise CheckpointError(f"{path}: truncated (header says {header_len} bytes, file has {size})")
+        fh.seek(8)
         raw = fh.read(header_len)
     try:
         header = json.loads(raw, object_pairs_hook=_unique_keys)

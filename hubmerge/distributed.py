@@ -13,6 +13,28 @@ shard into the output's temporary directory. The driver plans, reduces, verifies
                            verify  every shard's size and sha256 on the driver
       index, config/tokenizer, hubmerge_recipe.yaml, README.md -> atomic rename into place
 
+**FlexMerge recipes** (:func:`flexmerge_distributed`, :func:`flexmerge_with_ray`; ``hubmerge run
+flex.yaml --executor ray``) run :func:`hubmerge.flexmerge.run_flexmerge` with a runner::
+
+    driver: open_inputs -> blocks
+      similarity:        map observe(unit) -> per-item Gram matrices -> reduce in the local order
+      order, sizes:      on the driver (cosines, complete-linkage order, each size's groups)
+      inner pre-passes:  map-reduce of every group's statistics (:class:`~hubmerge.flexmerge.GroupStatistics`)
+      write:             one DeploymentUnit per shard of each size's deployment:
+                         map write_deployment_unit(unit) -> deployment shard + sha256 (retried on a crash)
+                         verify every shard on the driver
+      per size: index, deployment.json, config, recipe; flexmerge.json -> the whole output renamed at once
+
+A deployment's shards are planned exactly as the local writer plans them (same stored tensors,
+same order, same ``output.shard_size``), so every file -- shards, ``deployment.safetensors.index.json``,
+``deployment.json``, ``flexmerge.json`` -- is byte-identical to a local run's (the recipes'
+``created`` time aside). Every size and ``sizes: all`` work; a unit merges only its shard's
+groups, so a group stored by several sizes is merged once per size (``sizes: all`` reads the
+inputs up to once per size in the write pass, spread over the workers). Pre-pass units are
+``output.shard_size`` of the base; to spread a small model over many workers, lower it.
+Per-task deployment *methods* (EMR, TALL: ``method``) and adapter outputs (``output.format``)
+are refused (:func:`check_distributable`): they run locally.
+
 **Identical to the local run.** Work items, shard headers and file names come from the same
 code (:func:`hubmerge.engine.plan_items`, :func:`~hubmerge.engine.merge_items`,
 :func:`~hubmerge.writer.plan_shards`, :func:`~hubmerge.writer.safetensors_header`). Pre-pass
@@ -20,11 +42,14 @@ statistics are sums; integer (and boolean) statistics are exact in any order, so
 its partial sum. Floating statistics (e.g. FlexMerge's Gram matrices) depend on the order of the
 additions, so a unit returns them per work item and the driver adds them up in the local run's
 order. Seeded methods draw per tensor (:meth:`~hubmerge.method.TensorGroup.generator`).
+Element-wise maths gives the same bits with any torch thread count; BLAS/LAPACK results (the
+Gram matrices, ``tsv``'s SVDs) are only guaranteed equal with the same thread count as the
+local run (``--cpus-per-worker``; a local CPU pre-pass uses one thread less than the cores).
 
 **Crash safety.** A unit writes to a per-attempt temporary file (``.unit-NNNNN-<pid>-<uuid>``) in
-the output's temporary directory, fsyncs it and *links* it to the shard's name: the first
-complete attempt wins, a later one (a retry after a worker that died after finishing) finds the
-shard there, checks it holds the same bytes and discards its own. A partial shard is never at
+the output's (FlexMerge: its deployment's) temporary directory, fsyncs it and *links* it to the
+shard's name: the first complete attempt wins, a later one (a retry after a worker that died
+after finishing) finds the shard there, checks it holds the same bytes and discards its own. A partial shard is never at
 the final name. Ray retries a unit whose worker died (``max_retries``); the driver removes
 leftovers of dead attempts, re-hashes every shard (``verify="hash"``) and only then renames the
 whole directory into place. Errors raised by the merge itself are not retried (they would fail
@@ -148,6 +173,11 @@ class Unit:
     prepass_start: int
     reads: dict[str, tuple[ByteRange, ...]]
     file_bytes: int
+
+    @property
+    def label(self) -> str:
+        """How errors name the unit: its shard file."""
+        return self.file_name
 
     @property
     def names(self) -> list[str]:
@@ -384,7 +414,7 @@ class UnitShardWriter:
     :meth:`commit` fsyncs and links the file to the shard's name (first complete attempt wins).
     """
 
-    def __init__(self, temp_dir: Path, unit: Unit):
+    def __init__(self, temp_dir: Path, unit: Unit | DeploymentUnit):
         self.unit = unit
         self.temp_dir = Path(temp_dir)
         self.attempt = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -495,12 +525,14 @@ def merge_unit(ctx: UnitContext, unit: Unit, method: MergeMethod) -> UnitResult:
                       socket.gethostname(), os.getpid(), writer.attempt, won)
 
 
-def run_unit_task(kind: str, ctx: UnitContext, unit: Unit, method: MergeMethod, pass_index: int = -1) -> Any:
-    """The one task function the runners call: ``kind`` is ``observe`` or ``merge``."""
+def run_unit_task(kind: str, ctx: UnitContext, unit: Any, method: Any, pass_index: int = -1) -> Any:
+    """The one task function the runners call: ``kind`` is ``observe``, ``merge`` or ``deploy``."""
     if kind == "observe":
         return observe_unit(ctx, unit, method, pass_index)
     if kind == "merge":
         return merge_unit(ctx, unit, method)
+    if kind == "deploy":
+        return write_deployment_unit(ctx, unit, method)
     raise ValueError(f"unknown unit task {kind!r}")
 
 
@@ -549,7 +581,7 @@ class UnitRunner(Protocol):
     def share(self, obj: Any) -> Any:
         """A handle to ``obj`` the tasks receive (shipped once)."""
 
-    def map(self, kind: str, ctx: Any, units: list[Unit], method: Any, pass_index: int = -1) -> Iterator[Any]:
+    def map(self, kind: str, ctx: Any, units: list[Any], method: Any, pass_index: int = -1) -> Iterator[Any]:
         """Run ``run_unit_task(kind, ctx, unit, method, pass_index)`` for every unit; yield results as they end."""
 
     def cancel(self) -> None:
@@ -568,7 +600,7 @@ class LocalRunner:
     def share(self, obj: Any) -> Any:
         return obj
 
-    def map(self, kind: str, ctx: Any, units: list[Unit], method: Any, pass_index: int = -1) -> Iterator[Any]:
+    def map(self, kind: str, ctx: Any, units: list[Any], method: Any, pass_index: int = -1) -> Iterator[Any]:
         for unit in units:
             yield run_unit_task(kind, ctx, unit, method, pass_index)
 
@@ -650,7 +682,7 @@ class RayRunner:
         return _REMOTE_TASK.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries,
                                     retry_exceptions=False)
 
-    def map(self, kind: str, ctx: Any, units: list[Unit], method: Any, pass_index: int = -1) -> Iterator[Any]:
+    def map(self, kind: str, ctx: Any, units: list[Any], method: Any, pass_index: int = -1) -> Iterator[Any]:
         ray = self.ray
         task = self._task()
         todo = list(units)
@@ -677,10 +709,10 @@ class RayRunner:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, HubmergeError):
                 raise cause from None
-            raise DistributedError(f"unit {unit.index} ({unit.file_name}) failed on a worker: "
+            raise DistributedError(f"unit {unit.index} ({unit.label}) failed on a worker: "
                                    f"{type(cause).__name__ if cause else 'error'}: {cause or exc}") from None
         except ray.exceptions.RayError as exc:  # the worker died more than max_retries times, node lost...
-            raise DistributedError(f"unit {unit.index} ({unit.file_name}): {type(exc).__name__} after "
+            raise DistributedError(f"unit {unit.index} ({unit.label}): {type(exc).__name__} after "
                                    f"{self.max_retries} retries: {str(exc).splitlines()[0] if str(exc) else ''}") \
                 from None
 
@@ -704,7 +736,8 @@ class UnitsWriter(ShardedWriter):
     """A :class:`ShardedWriter` whose shards are written by units (into its temporary directory).
 
     The driver adopts the verified shards, then :meth:`finish` writes the index and renames the
-    directory into place exactly as for a local run.
+    directory into place exactly as for a local run. A FlexMerge deployment's weights writer is
+    one too (:class:`~hubmerge.deployment.DeploymentWriter` ``writer_class``).
     """
 
     def adopt_shards(self, bytes_written: int) -> None:
@@ -753,14 +786,15 @@ def distributed_prepasses(method: Any, units: list[Unit], ctx_handle: Any, runne
     return read
 
 
-def make_prepass_runner(runner: UnitRunner, *, unit_bytes: int = 5 * 10**9) -> Callable[..., None]:
+def make_prepass_runner(runner: UnitRunner, *, unit_bytes: int = 5 * 10**9,
+                        stage: str = "prepass") -> Callable[..., None]:
     """A drop-in for :func:`hubmerge.engine.run_prepasses` that runs the pre-passes on ``runner``.
 
     For code that streams a pre-pass over the inputs itself (FlexMerge's similarity pass:
     ``run_prepasses(BlockGram(...), inputs, names, device, dtype, progress)``): the tensors are
     cut into units of about ``unit_bytes`` (output-shard-like), each unit observed on a worker,
     and the statistics reduced exactly as the local run does, so ``finish_pass`` gets the same
-    totals bit for bit.
+    totals bit for bit. ``stage`` names the passes in progress events (``prepass 1/2``).
     """
     def run(method: Any, inputs: MergeInputs, names: list[str], device: torch.device, dtype: torch.dtype,
             progress: ProgressCallback | None = None) -> None:
@@ -774,7 +808,8 @@ def make_prepass_runner(runner: UnitRunner, *, unit_bytes: int = 5 * 10**9) -> C
                           method_name=getattr(method, "name", type(method).__name__),
                           threads=getattr(runner, "threads", None))
         try:
-            distributed_prepasses(method, units, runner.share(ctx), runner, progress, inputs.bytes_per_pass)
+            distributed_prepasses(method, units, runner.share(ctx), runner, progress, inputs.bytes_per_pass,
+                                  stage=stage)
         except BaseException:
             runner.cancel()
             raise
@@ -806,7 +841,8 @@ def merge_distributed(recipe: Recipe, runner: UnitRunner, *, output: str | Path 
         A :class:`~hubmerge.engine.MergeResult`; ``extra["executor"]`` has per-unit hashes and timings.
 
     Raises:
-        RecipeError: Bad recipe, or one this executor cannot run (adapter output, deployments).
+        RecipeError: Bad recipe, or one this executor cannot run (adapter output, EMR/TALL
+            deployments; a FlexMerge recipe goes to :func:`flexmerge_distributed`).
         DistributedError: A unit failed beyond its retries or did not verify.
         HubmergeError: Any input or output problem; nothing is left at the output path.
     """
@@ -816,12 +852,10 @@ def merge_distributed(recipe: Recipe, runner: UnitRunner, *, output: str | Path 
     if verify not in ("hash", "size"):
         raise ValueError("verify must be 'hash' or 'size'")
     method = check_recipe(recipe, file=file)
-    if method.output != "model":
-        raise RecipeError(f"method {recipe.method!r} produces a per-task deployment; the distributed executor "
-                          "writes single merged models", field="method", file=file)
-    if recipe.output.format != "model":
-        raise RecipeError("output.format: adapter is not supported by the distributed executor; run it locally",
-                          field="output.format", file=file)
+    check_distributable(recipe, method, file=file)
+    if recipe.flexmerge is not None:
+        raise RecipeError("a FlexMerge recipe writes deployments: run it with flexmerge_distributed / "
+                          "flexmerge_with_ray (hubmerge run --executor ray does)", field="flexmerge", file=file)
     target = Path(output or recipe.output.path or "")
     if not str(target) or str(target) == ".":
         raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
@@ -852,30 +886,18 @@ def merge_distributed(recipe: Recipe, runner: UnitRunner, *, output: str | Path 
         timings["prepasses"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        results: dict[int, UnitResult] = {}
-        done_tensors = done_bytes = 0
-        method_handle = runner.share(method)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubmerge-verify") as hashing:
-            checks = []
-            for result in runner.map("merge", ctx_handle, units, method_handle):
-                unit = units[result.index]
-                path = writer.temp / unit.file_name
-                size = path.stat().st_size if path.is_file() else -1
-                if result.file_name != unit.file_name or size != unit.file_bytes:
-                    raise DistributedError(f"{unit.file_name}: {size} bytes on disk, the plan has {unit.file_bytes}")
-                if verify == "hash":  # re-read on the driver while the other units run
-                    checks.append(hashing.submit(_verify_shard, path, result.sha256))
-                results[result.index] = result
-                done_tensors += len(unit.specs)
-                done_bytes += result.bytes_read
-                if progress:
-                    progress(Progress("merge", done_tensors, len(names), done_bytes, inputs.bytes_per_pass))
-            for check in checks:
-                check.result()
+        done = [0, 0]
+
+        def report(unit: Unit, result: UnitResult) -> None:
+            done[0] += len(unit.specs)
+            done[1] += result.bytes_read
+            if progress:
+                progress(Progress("merge", done[0], len(names), done[1], inputs.bytes_per_pass))
+
+        results = run_write_units(runner, "merge", ctx_handle, units, runner.share(method),
+                                  lambda unit: writer.temp, verify=verify, on_result=report)
         timings["merge"] = time.perf_counter() - t0
         bytes_read = inputs.bytes_per_pass * (method.prepasses + 1)
-        if len(results) != len(units):
-            raise DistributedError(f"{len(units) - len(results)} units did not report")
         leftovers = writer.remove_attempt_leftovers()
         writer.adopt_shards(sum(u.bytes_written for u in units))
 
@@ -913,6 +935,47 @@ def merge_distributed(recipe: Recipe, runner: UnitRunner, *, output: str | Path 
             _OPEN.pop(run_id).close()
 
 
+def run_write_units(runner: UnitRunner, kind: str, ctx_handle: Any, units: list[Any], work_handle: Any,
+                    directory: Callable[[Any], Path], *, verify: str = "hash",
+                    on_result: Callable[[Any, UnitResult], None] | None = None) -> dict[int, UnitResult]:
+    """Run units that each write one shard file; check every shard's size (and sha256) on the driver.
+
+    Args:
+        runner: Where the units run.
+        kind: ``merge`` or ``deploy`` (see :func:`run_unit_task`).
+        ctx_handle / work_handle: The shared context and method (or group work).
+        units: The units; ``units[i].index == i``.
+        directory: A unit's temporary directory (where its shard is linked into place).
+        verify: ``hash`` (re-read each shard while the others run) or ``size``.
+        on_result: Called with each unit and its result as they come (progress).
+
+    Returns:
+        Unit index to its :class:`UnitResult`.
+
+    Raises:
+        DistributedError: A shard is missing, of the wrong size or hash, or a unit did not report.
+    """
+    results: dict[int, UnitResult] = {}
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubmerge-verify") as hashing:
+        checks = []
+        for result in runner.map(kind, ctx_handle, units, work_handle):
+            unit = units[result.index]
+            path = Path(directory(unit)) / unit.file_name
+            size = path.stat().st_size if path.is_file() else -1
+            if result.file_name != unit.file_name or size != unit.file_bytes:
+                raise DistributedError(f"{unit.label}: {size} bytes on disk, the plan has {unit.file_bytes}")
+            if verify == "hash":  # re-read on the driver while the other units run
+                checks.append(hashing.submit(_verify_shard, path, result.sha256))
+            results[result.index] = result
+            if on_result:
+                on_result(unit, result)
+        for check in checks:
+            check.result()
+    if len(results) != len(units):
+        raise DistributedError(f"{len(units) - len(results)} units did not report")
+    return results
+
+
 def _verify_shard(path: Path, expected: str) -> None:
     found = file_sha256(path)
     if found != expected:
@@ -929,13 +992,279 @@ def merge_with_ray(recipe: Recipe, *, address: str | None = None, workers: int |
     Raises:
         RayNotInstalledError: If Ray is not installed ("install hubmerge[ray]").
     """
-    method_check = check_recipe(recipe, file=file)  # bad recipes fail before Ray starts
-    del method_check
+    method = check_recipe(recipe, file=file)  # bad recipes fail before Ray starts
+    check_distributable(recipe, method, file=file)
+    if recipe.flexmerge is not None:
+        raise RecipeError("a FlexMerge recipe writes deployments: run it with flexmerge_with_ray",
+                          field="flexmerge", file=file)
     runner = RayRunner(address, workers=workers, max_retries=max_retries, num_cpus=num_cpus,
                        device=device or recipe.device, init_kwargs=init_kwargs)
     try:
         return merge_distributed(recipe, runner, output=output, device=device, overwrite=overwrite, token=token,
                                  progress=progress, file=file, verify=verify)
+    finally:
+        runner.close()
+
+
+def check_distributable(recipe: Recipe, method: Any, *, file: str | None = None) -> None:
+    """Refuse, naming the recipe field, what the distributed executor cannot run (before any work).
+
+    It runs single-output merges and FlexMerge recipes; per-task deployment methods (EMR, TALL
+    masks: ``method``) and adapter outputs (``output.format: adapter``) run locally.
+
+    Raises:
+        RecipeError: With ``field`` ``method`` or ``output.format``.
+    """
+    if getattr(method, "output", "model") != "model":
+        raise RecipeError(f"method {recipe.method!r} writes a per-task deployment (EMR, TALL...): the distributed "
+                          "executor runs single-output merges and FlexMerge recipes; run this one locally "
+                          "(without --executor ray)", field="method", file=file)
+    if recipe.output.format != "model":
+        raise RecipeError("output.format: adapter is not supported by the distributed executor; run it locally "
+                          "(without --executor ray)", field="output.format", file=file)
+
+
+# -- FlexMerge deployments -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeploymentUnit:
+    """One shard of one FlexMerge deployment (a size): the write pass's unit.
+
+    Attributes:
+        index: Position in the run's list of units (all sizes).
+        deployment: The deployment's directory name (``size-2``).
+        temp_dir: The deployment's temporary weights directory (its :class:`UnitsWriter`'s).
+        file_name: The shard's file name (``deployment-00001-of-00003.safetensors``).
+        specs: The shard's stored tensors, in write order.
+        sources: Per stored tensor ``(weight, block, members)``
+            (:func:`hubmerge.flexmerge.deployment_sources`): the group merged from the weight.
+        reads: Input label to the byte ranges the unit reads.
+        file_bytes: Size of the shard file.
+    """
+
+    index: int
+    deployment: str
+    temp_dir: str
+    file_name: str
+    specs: tuple[TensorSpec, ...]
+    sources: tuple[tuple[str, str, tuple[int, ...]], ...]
+    reads: dict[str, tuple[ByteRange, ...]]
+    file_bytes: int
+
+    @property
+    def label(self) -> str:
+        """How errors name the unit: ``size-2/deployment-00001-of-00003.safetensors``."""
+        return f"{self.deployment}/{self.file_name}"
+
+    @property
+    def names(self) -> list[str]:
+        """The weights it reads, in order."""
+        return list(dict.fromkeys(source[0] for source in self.sources))
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the unit reads (all inputs)."""
+        return sum(r.nbytes for ranges in self.reads.values() for r in ranges)
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of tensor data the unit writes."""
+        return sum(s.nbytes for s in self.specs)
+
+
+@dataclass(frozen=True)
+class GroupWork:
+    """What every write unit of a FlexMerge run shares: the groups' method instances (pre-passes finished)."""
+
+    instances: dict[tuple[str, tuple[int, ...]], MergeMethod]
+    method_name: str
+
+
+def plan_deployment_units(inputs: MergeInputs,
+                          deployments: list[tuple[str, ShardedWriter, list[tuple[str, str, tuple[int, ...]]]]]
+                          ) -> list[DeploymentUnit]:
+    """One unit per shard of each deployment, as the deployment's writer planned its shards.
+
+    Args:
+        inputs: The opened inputs.
+        deployments: Per deployment: its directory name, its weights writer (planned shards, file
+            names, temporary directory) and each stored tensor's source, in write order.
+
+    Returns:
+        The units, deployment by deployment, shard by shard.
+    """
+    units: list[DeploymentUnit] = []
+    for directory, writer, sources in deployments:
+        keys = [spec.name for shard in writer.shards for spec in shard]
+        if len(keys) != len(sources):
+            raise DistributedError(f"{directory}: {len(keys)} stored tensors planned, {len(sources)} sources")
+        source_of = dict(zip(keys, sources))
+        for i, shard in enumerate(writer.shards):
+            own = tuple(source_of[spec.name] for spec in shard)
+            weights = list(dict.fromkeys(source[0] for source in own))
+            units.append(DeploymentUnit(
+                index=len(units), deployment=directory, temp_dir=str(writer.temp), file_name=writer.file_names[i],
+                specs=tuple(shard), sources=own, reads=_input_ranges(inputs, weights),
+                file_bytes=len(safetensors_header(shard)) + sum(spec.nbytes for spec in shard)))
+    return units
+
+
+def write_deployment_unit(ctx: UnitContext, unit: DeploymentUnit, work: GroupWork) -> UnitResult:
+    """Merge one deployment shard's groups and write the shard (on a worker, or in-process).
+
+    The maths is the local write pass's (:class:`hubmerge.flexmerge._GroupMerger`, whole tensors,
+    one group at a time), the file the local writer's (same header, same order).
+
+    Returns:
+        The :class:`UnitResult` with the shard's sha256.
+    """
+    from .engine import prefetched
+    from .flexmerge import _GroupMerger
+
+    started = time.perf_counter()
+    inputs = open_resolved(ctx)
+    if not Path(unit.temp_dir).is_dir():
+        raise DistributedError(f"worker on {socket.gethostname()}: deployment directory {unit.temp_dir} not found; "
+                               "the output must be on a path every worker sees")
+    device = _worker_device(ctx)
+    dtype = getattr(torch, ctx.dtype)
+    entries: dict[str, list[tuple[TensorSpec, str, tuple[int, ...]]]] = {}
+    for spec, (weight, block, members) in zip(unit.specs, unit.sources):
+        entries.setdefault(weight, []).append((spec, block, members))
+    writer = UnitShardWriter(Path(unit.temp_dir), unit)
+    merger = _GroupMerger(inputs, work.instances, work.method_name, device, dtype)
+    read = 0
+    try:
+        pooled = dtype if device.type == "cpu" else None  # as the local write pass reads
+        for fetched in prefetched(inputs, list(entries), pooled_dtype=pooled):
+            wanted = entries[fetched.name]
+            spec, block, _ = wanted[0]
+            if not block:  # not merged: the base's tensor as is
+                outputs = {(): fetched.base.to(spec.dtype)}
+            else:
+                outputs = merger.outputs(fetched, block, sorted({members for _, _, members in wanted}), spec)
+            for stored, _, members in wanted:
+                writer.write(stored.name, outputs[members])
+            del outputs
+            read += fetched.nbytes
+        digest, won = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return UnitResult(unit.index, unit.file_name, digest, unit.file_bytes, time.perf_counter() - started, read,
+                      socket.gethostname(), os.getpid(), writer.attempt, won)
+
+
+def write_deployment_units(runner: UnitRunner, inputs: MergeInputs,
+                           deployments: list[tuple[str, ShardedWriter, list[tuple[str, str, tuple[int, ...]]]]],
+                           instances: dict[tuple[str, tuple[int, ...]], MergeMethod], *, root: Path, device: str,
+                           dtype: str, method_name: str, progress: ProgressCallback | None = None,
+                           verify: str = "hash") -> dict[str, Any]:
+    """FlexMerge's write pass as units: every deployment's shards written by ``runner``, verified, adopted.
+
+    Each deployment's weights writer must be a :class:`UnitsWriter` (its temporary directory is
+    where the units link their shards); afterwards it holds every shard, verified, and its
+    :meth:`~UnitsWriter.finish` (through the deployment writer) writes the index and renames.
+
+    Args:
+        runner: Where the units run.
+        inputs: The opened inputs.
+        deployments: Per deployment: directory name, weights writer, stored tensors' sources.
+        instances: ``(block, members)`` to the group's method instance (pre-passes finished).
+        root: The staged output directory (every worker must see it).
+        device / dtype: Compute device and dtype name.
+        method_name: The inner method's name (for errors).
+        progress: Called with ``write`` progress as units finish.
+        verify: ``hash`` or ``size`` (see :func:`merge_distributed`).
+
+    Returns:
+        What ``FlexMergeResult.executor`` reports (units, shard hashes, timings, bytes read).
+    """
+    started = time.perf_counter()
+    units = plan_deployment_units(inputs, deployments)
+    ctx = UnitContext(run_id=uuid.uuid4().hex, base=inputs.base, experts=tuple(e.resolved for e in inputs.experts),
+                      temp_dir=str(root), device=device, dtype=dtype, method_name=method_name,
+                      threads=getattr(runner, "threads", None))
+    total_tensors = sum(len(u.specs) for u in units)
+    total_bytes = sum(u.bytes_read for u in units)
+    done = [0, 0]
+
+    def report(unit: DeploymentUnit, result: UnitResult) -> None:
+        done[0] += len(unit.specs)
+        done[1] += result.bytes_read
+        if progress:
+            progress(Progress("write", done[0], total_tensors, done[1], total_bytes))
+
+    try:
+        results = run_write_units(runner, "deploy", runner.share(ctx), units,
+                                  runner.share(GroupWork(instances, method_name)),
+                                  lambda unit: Path(unit.temp_dir), verify=verify, on_result=report)
+    except BaseException:
+        runner.cancel()
+        raise
+    finally:
+        if ctx.run_id in _OPEN:  # units that ran in this process
+            _OPEN.pop(ctx.run_id).close()
+    leftovers = 0
+    for directory, writer, _ in deployments:
+        if not isinstance(writer, UnitsWriter):
+            raise DistributedError(f"{directory}: the deployment's weights writer is not a UnitsWriter")
+        leftovers += len(writer.remove_attempt_leftovers())
+        writer.adopt_shards(sum(u.bytes_written for u in units if u.deployment == directory))
+    return {
+        "runner": runner.description,
+        "units": len(units),
+        "shard_sha256": {units[i].label: results[i].sha256 for i in sorted(results)},
+        "unit_seconds": {units[i].label: round(results[i].seconds, 3) for i in sorted(results)},
+        "hosts": sorted({r.host for r in results.values()}),
+        "dead_attempts_removed": leftovers,
+        "bytes_read": sum(r.bytes_read for r in results.values()),
+        "timings": {"write_units": time.perf_counter() - started},
+    }
+
+
+def flexmerge_distributed(recipe: Recipe, runner: UnitRunner, **kwargs: Any):
+    """Run a FlexMerge recipe as units on ``runner``: :func:`hubmerge.flexmerge.run_flexmerge` with ``runner``.
+
+    The output is byte-identical to a local :func:`~hubmerge.flexmerge.run_flexmerge` (every
+    deployment's shards, index, manifest, ``flexmerge.json``; the recipes' ``created`` time aside).
+
+    Args:
+        recipe: A schema-valid recipe with ``flexmerge``.
+        runner: Where the units run.
+        **kwargs: ``output``, ``device``, ``overwrite``, ``token``, ``progress``, ``file``, ``storage``.
+
+    Returns:
+        The :class:`~hubmerge.flexmerge.FlexMergeResult` (``executor`` filled in).
+
+    Raises:
+        RecipeError: Bad recipe, or one this executor cannot run (see :func:`check_distributable`).
+    """
+    from .flexmerge import run_flexmerge
+
+    check_distributable(recipe, check_recipe(recipe, file=kwargs.get("file")), file=kwargs.get("file"))
+    if recipe.flexmerge is None:
+        raise RecipeError("the recipe has no `flexmerge` section: run it with merge_distributed", field="flexmerge",
+                          file=kwargs.get("file"))
+    return run_flexmerge(recipe, runner=runner, **kwargs)
+
+
+def flexmerge_with_ray(recipe: Recipe, *, address: str | None = None, workers: int | None = None,
+                       max_retries: int = 3, num_cpus: float = 1, init_kwargs: dict[str, Any] | None = None,
+                       device: str | None = None, file: str | None = None, **kwargs: Any):
+    """:func:`flexmerge_distributed` on a :class:`RayRunner` (started here, shut down after if it started Ray).
+
+    Raises:
+        RecipeError: Bad recipe (before Ray starts).
+        RayNotInstalledError: If Ray is not installed.
+    """
+    from .flexmerge import check_flexmerge
+
+    check_distributable(recipe, check_recipe(recipe, file=file), file=file)
+    check_flexmerge(recipe, file=file)  # bad recipes fail before Ray starts
+    runner = RayRunner(address, workers=workers, max_retries=max_retries, num_cpus=num_cpus,
+                       device=device or recipe.device, init_kwargs=init_kwargs)
+    try:
+        return flexmerge_distributed(recipe, runner, device=device, file=file, **kwargs)
     finally:
         runner.close()
 

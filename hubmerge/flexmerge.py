@@ -90,7 +90,7 @@ from .engine import (
 from .errors import HubmergeError, MethodInputError, MethodParamError, RecipeError, UnknownMethodError
 from .method import MergeMethod, TensorGroup
 from .recipe import BlockRule, FlexMergeSpec, Recipe, check_recipe, raise_validation_error
-from .writer import OWNER_MARKER, TensorSpec, check_output_path
+from .writer import OWNER_MARKER, ShardedWriter, TensorSpec, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -795,6 +795,24 @@ def deployment_layout(plan: DeploymentPlan, specs: list[TensorSpec], block_of: d
     return stored, views
 
 
+def deployment_sources(plan: DeploymentPlan, specs: list[TensorSpec], block_of: dict[str, str]
+                       ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """What each stored tensor of :func:`deployment_layout` is made of, in the same order.
+
+    Returns:
+        Per stored tensor ``(weight name, block, members)``; a tensor in no block (stored as is,
+        from the base) has block ``""`` and no members.
+    """
+    sources: list[tuple[str, str, tuple[int, ...]]] = []
+    for spec in specs:
+        if spec.name not in block_of:
+            sources.append((spec.name, "", ()))
+            continue
+        block = block_of[spec.name]
+        sources += [(spec.name, block, members) for members in plan.groups[block]]
+    return sources
+
+
 # -- running ---------------------------------------------------------------------------------------------
 @dataclass
 class FlexMergeResult:
@@ -818,6 +836,8 @@ class FlexMergeResult:
             pass, of which ``write_merge`` computing the groups and ``write_io`` writing them).
         base: The base as resolved (:class:`~hubmerge.sources.ResolvedModel`, for cards).
         experts: The experts as resolved, in recipe order.
+        executor: With a unit runner (``--executor ray``): the runner, the units, each deployment
+            shard's sha256 and seconds, the hosts, dead attempts removed (empty for a local run).
     """
 
     output_dir: Path
@@ -837,6 +857,7 @@ class FlexMergeResult:
     storage_model: str = StorageModel.name
     base: Any = None
     experts: list[Any] = field(default_factory=list)
+    executor: dict[str, Any] = field(default_factory=dict)
 
     def storage_table(self) -> list[dict[str, Any]]:
         """Per size: label, merges, bytes and model-equivalents (for printing)."""
@@ -893,6 +914,57 @@ def _run_group_prepasses(instances: dict[tuple[str, tuple[int, ...]], MergeMetho
             if progress:
                 progress(Progress(stage, done_tensors, len(names), done_bytes, inputs.bytes_per_pass))
     return passes
+
+
+class GroupStatistics:
+    """The inner method's per-group pre-passes as one object of the engine's pre-pass protocol.
+
+    The map-reduce form of :func:`_run_group_prepasses` (for a distributed run, whose pre-passes
+    are sums over units reduced on the driver): :meth:`observe` returns every group's statistics
+    for one tensor (or block of rows) under ``g<i>:<key>`` (``i`` numbers the (block, group)
+    instances), and :meth:`finish_pass` hands each instance its own totals. Every group's sums
+    get the same additions in the same order as in :func:`_run_group_prepasses`, so the
+    finished statistics are bit-identical.
+
+    Args:
+        instances: ``(block, members)`` to the group's method instance.
+        block_of: Tensor name to block.
+    """
+
+    name = "flexmerge inner pre-passes"
+
+    def __init__(self, instances: dict[tuple[str, tuple[int, ...]], MergeMethod], block_of: dict[str, str]):
+        self.block_of = block_of
+        self.groups = [(block, members, method) for (block, members), method in instances.items()
+                       if method.prepasses > 0]
+        self.by_block: dict[str, list[int]] = {}
+        for index, (block, _, _) in enumerate(self.groups):
+            self.by_block.setdefault(block, []).append(index)
+        self.prepasses = max((m.prepasses for _, _, m in self.groups), default=0)
+        self.elementwise = all(m.elementwise for m in instances.values())
+
+    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
+        """Each group's statistics of this tensor, restricted to the group's members."""
+        out: dict[str, torch.Tensor] = {}
+        for index in self.by_block.get(self.block_of.get(group.name, ""), ()):
+            _, members, method = self.groups[index]
+            if method.prepasses <= pass_index:
+                continue
+            sub = TensorGroup(group.name, group.base, group.deltas[list(members)],
+                              [group.experts[i] for i in members], rows=group.rows)
+            for key, value in method.observe(pass_index, sub).items():
+                out[f"g{index}:{key}"] = value
+        return out
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Finish pass ``pass_index`` of every group that has it, with its own totals."""
+        split: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in totals.items():
+            index, _, own = key[1:].partition(":")
+            split.setdefault(int(index), {})[own] = value
+        for index, (_, _, method) in enumerate(self.groups):
+            if method.prepasses > pass_index:
+                method.finish_pass(pass_index, split.get(index, {}))
 
 
 class _GroupMerger:
@@ -1007,12 +1079,22 @@ def _model_class(base_dir: Path) -> str | None:
 
 def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: str | None = None,
                   overwrite: bool = False, token: str | None = None, progress: ProgressCallback | None = None,
-                  file: str | None = None, storage: StorageModel | None = None) -> FlexMergeResult:
+                  file: str | None = None, storage: StorageModel | None = None,
+                  runner: Any = None) -> FlexMergeResult:
     """Run a recipe with a ``flexmerge`` section: one deployment per requested size.
 
     Passes over the inputs: one for the similarities, the inner method's pre-passes (if any,
     with per-group statistics), and one that writes every size at once (a group shared by
     several sizes is merged once).
+
+    With a ``runner`` (:class:`~hubmerge.distributed.RayRunner`, or
+    :class:`~hubmerge.distributed.LocalRunner`) the passes run as units on it (see
+    :mod:`hubmerge.distributed`): the similarity and inner pre-passes as map-reduces over
+    output-shard-sized units, the ordering and planning here, and the write pass as one unit per
+    shard of each deployment (a worker merges its shard's groups and writes the shard); the
+    driver assembles manifests, indexes and recipes and commits the output atomically. The
+    files are byte-identical to a local run's. A group shared by several sizes is then merged
+    once per size that stores it in another shard.
 
     Args:
         recipe: A schema-valid recipe with ``flexmerge``.
@@ -1023,6 +1105,7 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
         progress: Called with :class:`~hubmerge.engine.Progress` per tensor and stage.
         file: Recipe file name for errors.
         storage: Storage model (default: one tensor per group).
+        runner: Where the passes run (default: here, streaming; see above).
 
     Returns:
         A :class:`FlexMergeResult` with the merge order and per-size storage.
@@ -1046,7 +1129,15 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
     if not str(target) or str(target) == ".":
         raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
     check_output_path(target.absolute(), overwrite=overwrite)
-    compute_device = resolve_device(device or recipe.device)
+    prepass: Any = run_prepasses
+    if runner is None:
+        compute_device = resolve_device(device or recipe.device)
+    else:  # workers compute: the driver does not need the device itself
+        from .distributed import make_prepass_runner
+
+        run_device = getattr(runner, "device", "") or device or recipe.device
+        compute_device = torch.device(run_device) if getattr(runner, "device", "") else resolve_device(run_device)
+        prepass = make_prepass_runner(runner, unit_bytes=recipe.output.shard_size)
     timings: dict[str, float] = {}
 
     inputs = open_inputs(recipe, token=token)
@@ -1067,7 +1158,7 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
         # 1. similarities (one streaming pass)
         t0 = time.perf_counter()
         gram = BlockGram(block_of)
-        run_prepasses(gram, inputs, names, compute_device, compute_dtype, _stage(progress, "similarity"))
+        prepass(gram, inputs, names, compute_device, compute_dtype, _stage(progress, "similarity"))
         block_cos = {b.name: cosines(gram.grams[b.name]) for b in blocks}
         timings["similarity"] = time.perf_counter() - t0
 
@@ -1085,7 +1176,16 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
                 for members in groups:
                     if len(members) > 1 and (block, members) not in instances:
                         instances[(block, members)] = inner.make(len(members))
-        passes = _run_group_prepasses(instances, inputs, floating, block_of, compute_device, compute_dtype, progress)
+        if runner is None:
+            passes = _run_group_prepasses(instances, inputs, floating, block_of, compute_device, compute_dtype,
+                                          progress)
+        else:  # a map-reduce over units, bit-identical to the streaming pass
+            group_stats = GroupStatistics(instances, block_of)
+            passes = group_stats.prepasses
+            if passes:
+                wanted = [n for n in floating if block_of[n] in group_stats.by_block]
+                make_prepass_runner(runner, unit_bytes=recipe.output.shard_size, stage="inner prepass")(
+                    group_stats, inputs, wanted, compute_device, compute_dtype, progress)
         timings["prepasses"] = time.perf_counter() - t0
 
         # 4. write every size in one pass
@@ -1093,16 +1193,32 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
         staged = StagedDirectory(target, overwrite=overwrite)
         model_class = _model_class(inputs.base.directory)
         weights = list(all_specs)
+        writer_class: Any = ShardedWriter
+        if runner is not None:
+            from .distributed import UnitsWriter, write_deployment_units
+
+            writer_class = UnitsWriter  # shards written by the units, adopted once verified
         for plan in plans:
             stored, views = deployment_layout(plan, all_specs, block_of, tasks)
             writers.append(DeploymentWriter(staged.path / plan.size.directory, tasks=tasks, weights=weights,
                                             stored=stored, views=views, kind="flexmerge",
-                                            shard_size=recipe.output.shard_size, model_class=model_class))
+                                            shard_size=recipe.output.shard_size, model_class=model_class,
+                                            writer_class=writer_class))
+        executor: dict[str, Any] = {}
+        if runner is not None:
+            executor = write_deployment_units(
+                runner, inputs,
+                [(plan.size.directory, writer.sharded, deployment_sources(plan, all_specs, block_of))
+                 for plan, writer in zip(plans, writers)],
+                instances, root=staged.path, device=run_device, dtype=recipe.dtype, method_name=inner.name,
+                progress=progress)
+            timings.update(executor.get("timings", {}))
         merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
         done_bytes = 0
         t_compute = t_io = 0.0
         pooled = compute_dtype if compute_device.type == "cpu" else None  # experts read into reused buffers
-        for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):
+        local = prefetched(inputs, names, pooled_dtype=pooled) if runner is None else ()
+        for count, fetched in enumerate(local, 1):
             name = fetched.name
             s = spec_of[name]
             t1 = time.perf_counter()
@@ -1124,7 +1240,8 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             done_bytes += fetched.nbytes
             if progress:
                 progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
-        timings["write_merge"], timings["write_io"] = t_compute, t_io
+        if runner is None:
+            timings["write_merge"], timings["write_io"] = t_compute, t_io
 
         experts = [e.resolved for e in inputs.experts]
         for plan, writer in zip(plans, writers):
@@ -1155,8 +1272,10 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             output_dir=target.absolute(), recipe=recipe, inner=inner, tasks=tasks, blocks=blocks, order=order,
             storage_curve=curve, deployments=plans, model_bytes=model_bytes, cosines=block_cos,
             device=str(compute_device), bytes_read=inputs.bytes_per_pass * (2 + passes), timings=timings,
-            storage_model=(storage or StorageModel()).name, base=inputs.base, experts=experts,
+            storage_model=(storage or StorageModel()).name, base=inputs.base, experts=experts, executor=executor,
         )
+        if runner is not None:  # the write units read what their shards need, per size
+            result.bytes_read = inputs.bytes_per_pass * (1 + passes) + executor.get("bytes_read", 0)
         (staged.path / ROOT_SUMMARY).write_text(json.dumps(_summary(result), indent=1) + "\n", encoding="utf-8")
         root = MergeResult(output_dir=target, recipe=_resolved_recipe(recipe, inner, spec.sizes), method=top_method,
                            base=inputs.base, experts=experts, device=str(compute_device), seconds=0.0, bytes_read=0,

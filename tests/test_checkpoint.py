@@ -87,3 +87,19 @@ def test_pickle_only_directory_refused_with_hint(tmp_path):
         Checkpoint(tmp_path)
     with pytest.raises(ModelReferenceError):
         Checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("header_len", [0x80, 0x180, 0x4B50])  # low byte 0x80, or the bytes "PK"
+def test_header_length_that_looks_like_a_pickle_or_zip_is_still_read(tmp_path, header_len):
+    """A valid file whose header length starts with 0x80 or spells "PK" is not mistaken for a pickle."""
+    data = struct.pack("<2f", 1.5, -2.0)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (header_len - len(header))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", header_len) + header + data)
+    assert path.read_bytes()[:1] == b"\x80" or path.read_bytes()[:2] == b"PK"
+    metas = read_header(path)
+    assert list(metas) == ["w"] and metas["w"].shape == (2,)
+    from safetensors.torch import load_file
+
+    assert load_file(path)["w"].tolist() == [1.5, -2.0]  # the reference reader agrees it is valid

@@ -2,7 +2,8 @@
 
 Fast tests run the units in-process (:class:`~hubmerge.distributed.LocalRunner`); the Ray ones
 (``slow``: a local Ray instance takes 10-15 s to start here) skip when Ray is not installed.
-Every comparison is byte for byte against :func:`hubmerge.engine.merge`.
+Every comparison is byte for byte against :func:`hubmerge.engine.merge` (FlexMerge recipes:
+:func:`hubmerge.flexmerge.run_flexmerge`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hubmerge.distributed import (
     reduce_statistics,
 )
 from hubmerge.engine import open_inputs, resolve_device, run_prepasses
+from hubmerge.errors import RecipeError
 from hubmerge.plugins import registered_methods
 from hubmerge.recipe import check_recipe, load_recipe
 
@@ -60,7 +62,7 @@ def assert_same_output(a: Path, b: Path) -> None:
         pa, pb = a / name, b / name
         if pa.is_dir():
             continue
-        if name in ("hubmerge_recipe.yaml", "README.md"):
+        if Path(name).name in ("hubmerge_recipe.yaml", "README.md"):
             strip = lambda p: [ln for ln in p.read_text().splitlines() if "created:" not in ln]
             assert strip(pa) == strip(pb), name
         else:
@@ -201,10 +203,80 @@ def test_dry_run_prints_the_units(tiny_models, tmp_path, capsys):
     assert "x 3 passes" in out
 
 
-def test_flexmerge_recipe_refused_with_ray(tiny_models, tmp_path, capsys):
-    recipe = _recipe(tmp_path, tiny_models, "task_arithmetic", flexmerge={"sizes": [1]})
+# -- FlexMerge deployments as units ------------------------------------------------------------------------------
+FLEX_CASES = [
+    ("task_arithmetic", {}, [1, "1.5x"]),
+    ("ties", {"k": 0.3, "scope": "global"}, "all"),  # per-group pre-passes as units, every size
+]
+
+
+def _flex_recipe(tmp_path: Path, models, inner: str, inner_params: dict, sizes, name: str = "flex.yaml"):
+    return _recipe(tmp_path, models, "task_arithmetic", name=name,
+                   flexmerge={"sizes": sizes, "inner": inner, "inner_params": inner_params})
+
+
+def _local_flex(recipe_file: Path, out: Path):
+    from hubmerge.flexmerge import run_flexmerge
+
+    return run_flexmerge(load_recipe(recipe_file), output=out, overwrite=True)
+
+
+def assert_same_deployments(local, other) -> None:
+    """Every file byte for byte (recipes' creation time aside): shards, indexes, manifests, flexmerge.json."""
+    import json
+
+    assert_same_output(Path(local.output_dir), Path(other.output_dir))
+    assert [p.size.label for p in local.deployments] == [p.size.label for p in other.deployments]
+    for plan in other.deployments:
+        manifest = json.loads((plan.path / "deployment.json").read_text())
+        assert manifest["tasks"] == local.tasks and manifest["storage"]["bytes"] == plan.storage_bytes
+
+
+@pytest.mark.parametrize("inner,params,sizes", FLEX_CASES)
+def test_flexmerge_units_in_process_match_local_run(tiny_models, tmp_path, inner, params, sizes):
+    from hubmerge.distributed import flexmerge_distributed
+
+    if inner not in registered_methods():
+        pytest.skip(f"method {inner!r} not registered here")
+    recipe = _flex_recipe(tmp_path, tiny_models, inner, params, sizes)
+    local = _local_flex(recipe, tmp_path / "local")
+    units = flexmerge_distributed(load_recipe(recipe), LocalRunner(), output=tmp_path / "units", overwrite=True)
+    info = units.executor
+    shards = sum(len(list(p.path.glob("deployment*.safetensors"))) for p in units.deployments)
+    assert info["units"] == shards > len(units.deployments)  # more than one shard per size
+    assert all(label.split("/")[0].startswith("size-") for label in info["shard_sha256"])
+    assert_same_deployments(local, units)
+    assert not list(Path(units.output_dir).rglob(f"{ATTEMPT_PREFIX}*"))
+
+
+def test_flexmerge_dry_run_with_ray_prints_the_plan(tiny_models, tmp_path, capsys):
+    recipe = _flex_recipe(tmp_path, tiny_models, "task_arithmetic", {}, [1, 2])
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--executor", "ray", "--dry-run", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "size 2: ->" in printed and "executor: ray" in printed and not out.exists()
+
+
+def test_distributed_refusals_name_the_recipe_field(tiny_models, tmp_path, capsys):
+    # adapter output: refused before anything runs, naming output.format
+    recipe = _recipe(tmp_path, tiny_models, "task_arithmetic", output={"path": str(tmp_path / "o"),
+                                                                       "format": "adapter"})
     assert main(["run", str(recipe), "--executor", "ray", "--no-progress"]) == 2
-    assert "FlexMerge recipes run locally" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "output.format" in err and "distributed executor" in err
+    # a per-task deployment method (EMR, TALL): refused naming `method`
+    deployment_methods = [n for n, r in registered_methods().items() if getattr(r.method, "output", "") == "deployment"]
+    if deployment_methods:
+        recipe = _recipe(tmp_path, tiny_models, deployment_methods[0], name="d.yaml")
+        assert main(["run", str(recipe), "--executor", "ray", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "method" in err and "per-task deployment" in err and "locally" in err
+    # a FlexMerge recipe handed to the single-output entry point is sent to the FlexMerge one
+    flex = load_recipe(_flex_recipe(tmp_path, tiny_models, "task_arithmetic", {}, [1]))
+    with pytest.raises(RecipeError, match="flexmerge_distributed") as exc:
+        merge_distributed(flex, LocalRunner(), output=tmp_path / "x")
+    assert exc.value.field == "flexmerge"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
 
 
 # -- Ray --------------------------------------------------------------------------------------------------------
@@ -372,4 +444,59 @@ def test_cli_run_with_ray(ray_local, tiny_models, tmp_path, capsys):
     assert main(["run", str(recipe), "--executor", "ray", "--workers", "2", "--output", str(out),
                  "--no-progress"]) == 0
     assert "merged" in capsys.readouterr().out
+    assert_same_output(local.output_dir, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inner,params,sizes", FLEX_CASES)
+def test_ray_flexmerge_is_bit_identical(ray_local, tiny_models, tmp_path, inner, params, sizes):
+    from hubmerge.distributed import flexmerge_with_ray
+
+    if inner not in registered_methods():
+        pytest.skip(f"method {inner!r} not registered here")
+    recipe = _flex_recipe(tmp_path, tiny_models, inner, params, sizes)
+    local = _local_flex(recipe, tmp_path / "local")
+    result = flexmerge_with_ray(load_recipe(recipe), workers=2, output=tmp_path / "ray", overwrite=True)
+    info = result.executor
+    assert info["runner"].startswith("ray") and info["units"] > len(result.deployments)
+    assert_same_deployments(local, result)
+    assert not list(Path(result.output_dir).rglob(f"{ATTEMPT_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_ray_flexmerge_worker_killed_mid_run_still_gives_the_same_output(ray_local, tiny_models, tmp_path):
+    from hubmerge.distributed import flexmerge_with_ray
+
+    marker = tmp_path / "crashed.pid"
+    target = "encoder.layer.1.attention.self.query.weight"  # merged (size 1: one group), not in the first shard
+    recipe = _flex_recipe(tmp_path, tiny_models, "test_crash_once",
+                          {"scale": 0.7, "crash_marker": str(marker), "crash_tensor": target}, [1])
+    result = flexmerge_with_ray(load_recipe(recipe), workers=2, max_retries=2, output=tmp_path / "ray", overwrite=True)
+    assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker really died
+    assert result.executor["dead_attempts_removed"] >= 1  # its partial shard was cleaned up
+    local = _local_flex(recipe, tmp_path / "local")  # the marker exists now: no crash in this process
+    assert_same_deployments(local, result)
+
+
+@pytest.mark.slow
+def test_ray_flexmerge_worker_dying_every_time_fails_cleanly(ray_local, tiny_models, tmp_path):
+    from hubmerge.distributed import flexmerge_with_ray
+
+    recipe = _flex_recipe(tmp_path, tiny_models, "test_crash_once",
+                          {"always": True, "crash_tensor": "encoder.layer.0.attention.self.query.weight"}, [1])
+    with pytest.raises(DistributedError, match=r"size-1/deployment-\d{5}-of-\d{5}\.safetensors"):
+        flexmerge_with_ray(load_recipe(recipe), workers=2, max_retries=1, output=tmp_path / "ray", overwrite=True)
+    assert not (tmp_path / "ray").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hubmerge-partial-")]
+
+
+@pytest.mark.slow
+def test_cli_run_flexmerge_with_ray(ray_local, tiny_models, tmp_path, capsys):
+    recipe = _flex_recipe(tmp_path, tiny_models, "task_arithmetic", {}, [2])
+    local = _local_flex(recipe, tmp_path / "local")
+    out = tmp_path / "cli"
+    assert main(["run", str(recipe), "--executor", "ray", "--workers", "2", "--output", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "write units on ray" in printed and "size-2" in printed
     assert_same_output(local.output_dir, out)

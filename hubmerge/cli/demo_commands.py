@@ -19,6 +19,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     logging.getLogger("hubmerge").setLevel(min(logging.getLogger().level, logging.INFO))
+    # the demo's own steps are the story; the embedded Hub's request log and transformers' bars are not
+    logging.getLogger("hubmerge.localhub").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     report = run_demo(args.work, recipes=args.recipes)
     print()
     print(report.table())

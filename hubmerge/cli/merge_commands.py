@@ -80,8 +80,8 @@ def _load_checked(path: str, assignments: list[str] | None = None):
 # -- distributed executor (hubmerge.distributed): `run --executor ray [--address A] [--workers N]` ----------------
 def _add_executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: this process (default); ray: one task per output shard on a Ray cluster "
-                        "(inputs and output on a path every worker sees)")
+                   help="local: this process (default); ray: one task per output shard (FlexMerge: per shard of "
+                        "each size's deployment) on a Ray cluster (inputs and output on a path every worker sees)")
     p.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--workers", type=int, metavar="N", help="most Ray tasks at once (default: what Ray schedules)")
     p.add_argument("--max-retries", type=int, default=3, metavar="N",
@@ -100,12 +100,9 @@ def _check_executor(args: argparse.Namespace, recipe, method) -> None:
 
     if not _distributed(args):
         return
-    if recipe.flexmerge is not None:
-        raise RecipeError("--executor ray runs single-output recipes; FlexMerge recipes run locally",
-                          field="flexmerge", file=args.recipe)
-    if method.output != "model" or recipe.output.format != "model":
-        raise RecipeError("--executor ray writes single merged models; per-task deployments and adapter "
-                          "outputs run locally", field="method", file=args.recipe)
+    from ..distributed import check_distributable
+
+    check_distributable(recipe, method, file=args.recipe)  # EMR/TALL deployments, adapter outputs: local only
     if args.workers is not None and args.workers < 1:
         raise RecipeError("--workers must be at least 1", file=args.recipe)
     if args.max_retries < 0:
@@ -136,6 +133,37 @@ def _merge_with_executor(args: argparse.Namespace, recipe, progress):
     return merge_with_ray(recipe, address=args.address, workers=args.workers, max_retries=args.max_retries,
                           output=args.output, device=args.device, overwrite=args.overwrite, progress=progress,
                           file=args.recipe, num_cpus=args.cpus_per_worker)
+
+
+def _flexmerge_with_executor(args: argparse.Namespace, recipe) -> int:
+    """``hubmerge run --executor ray`` on a FlexMerge recipe: the deployments written by Ray tasks.
+
+    Prints and publishes as the local run does (:func:`hubmerge.cli.flexmerge_commands.run_recipe`).
+    """
+    from ..distributed import flexmerge_with_ray
+    from ..flexmerge import check_flexmerge
+    from .flexmerge_commands import _publish, _push_target
+
+    check_flexmerge(recipe, file=args.recipe)
+    repo = _push_target(args, recipe)
+    bar = _Bar(enabled=not args.no_progress)
+    try:
+        result = flexmerge_with_ray(recipe, address=args.address, workers=args.workers, max_retries=args.max_retries,
+                                    num_cpus=args.cpus_per_worker, output=args.output, device=args.device,
+                                    overwrite=args.overwrite, progress=bar, file=args.recipe)
+    finally:
+        bar.close()
+    info = result.executor
+    print(f"flexmerge: {len(result.order)} merges over {len(result.blocks)} blocks of {len(result.tasks)} experts, "
+          f"inner {result.inner.name} in {result.seconds:.1f}s on {result.device}, {info.get('units', 0)} write "
+          f"units on {info.get('runner', 'ray')}")
+    print(f"{'size':>8}  {'merges':>6}  {'models':>8}  {'MB':>10}  directory")
+    for row in result.storage_table():
+        print(f"{row['size']:>8}  {row['merges']:>6}  {row['model_equivalents']:>8.3f}  "
+              f"{row['bytes'] / 1e6:>10.1f}  {row['path']}")
+    if repo:
+        _publish(result, repo, recipe)
+    return 0
 # -- end distributed executor ---------------------------------------------------------------------------------
 
 
@@ -201,6 +229,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recipe.flexmerge is not None or method.output == "deployment":
         from .flexmerge_commands import run_recipe
 
+        if _distributed(args) and recipe.flexmerge is not None:  # distributed executor
+            if not args.dry_run:
+                return _flexmerge_with_executor(args, recipe)
+            code = run_recipe(args, recipe)
+            print("executor: ray, after the similarity pass (units of output.shard_size): one task per shard of "
+                  "each size's deployment")
+            return code
         return run_recipe(args, recipe)
     # -- end per-task deployments ------------------------------------------------------------------------
     if args.dry_run:
