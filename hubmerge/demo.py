@@ -2,13 +2,15 @@
 
 1. Start the loopback Hub (or use ``HF_ENDPOINT``/``HF_TOKEN`` when set).
 2. Build the multi-task suite offline (:mod:`hubmerge.suite`), reused from disk when present.
-3. Push the base models and every expert as ordinary Hub repos with their own cards
+3. Push the base models and every expert as ordinary Hub repos with their own cards, and each
+   domain's test splits as a dataset repo ``demo/<domain>-data`` (the ``data:`` of AdaMerging)
    (skipped when the repo already holds this build of the suite).
 4. Run every ``recipes/demo-*.yaml`` by repo id, evaluate the merge on every task of its
    domain, and push it with a card carrying the evaluation. Recipes that write per-task
    deployments (``flexmerge:``, ``emr``, ``tall``) are evaluated task by task, each with its own
    task model, and pushed with deployment cards (FlexMerge: one branch per size); they add one
-   row per deployment (per size) with its storage in model-equivalents.
+   row per deployment (per size) with its storage in model-equivalents. A dynamic deployment
+   (``se_merging``) adds its routing accuracy and inference time against the static merge.
 5. Print an accuracy table and where to look.
 """
 
@@ -21,7 +23,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class DemoRow:
     accuracies: dict[str, float]
     repo: str | None = None
     storage: float | None = None  # model-equivalents, for deployments
+    routing: float | None = None  # dynamic deployments (SE-Merging): how often the task's own expert was picked
+    overhead: float | None = None  # dynamic deployments: inference time over the static merge's
 
     @property
     def average(self) -> float:
@@ -71,6 +74,8 @@ class DemoReport:
                 if experts and r is not experts and all(t in experts.accuracies for t in r.accuracies):
                     norm = f"{sum(r.accuracies[t] / experts.accuracies[t] for t in r.accuracies) / len(r.accuracies):.3f}"
                 label = r.label if r.storage is None else f"{r.label} [{r.storage:.2f}x storage]"  # deployments
+                if r.routing is not None:  # dynamic deployments
+                    label += f" [routing {r.routing:.3f}, {r.overhead:.1f}x inference time]"
                 out.append(f"| {label} | " + " | ".join(cells) + f" | {r.average:.3f} | {norm} |")
             out.append("")
         return "\n".join(out)
@@ -172,6 +177,11 @@ def run_recipe(path: Path, suite, report: DemoReport, *, work: Path, progress=No
         logger.warning("demo: skipping %s: method %r is not installed (its plugin's entry point is missing; "
                        "reinstall hubmerge)", path.name, recipe.method)
         return
+    from .dynamic import is_dynamic_method
+
+    if is_dynamic_method(recipe.method):  # SE-Merging: one model that merges per input
+        run_dynamic_recipe(path, recipe, domain, suite, report, output=output, progress=progress)
+        return
     if recipe.flexmerge is not None or is_deployment_method(recipe.method):
         run_deployment_recipe(path, recipe, domain, suite, report, output=output, progress=progress)
         return
@@ -207,10 +217,9 @@ def run_deployment_recipe(path: Path, recipe, domain: str, suite, report: DemoRe
     with its own task model (``load_task_model`` + ``suite.evaluate``), publish with cards and the
     accuracy-vs-size plot, and add one report row per deployment (per FlexMerge size) with its storage.
     """
-    from .deployment import load_task_model, run_deployment
+    from .deployment import run_deployment
     from .flexmerge import run_flexmerge
-    from .publish import deployment_variants, publish_deployment
-    from .suite import evaluate
+    from .publish import publish_deployment
 
     if recipe.flexmerge is not None:
         result = run_flexmerge(recipe, output=output, overwrite=True, progress=progress, file=str(path))
@@ -219,21 +228,7 @@ def run_deployment_recipe(path: Path, recipe, domain: str, suite, report: DemoRe
         result = run_deployment(recipe, output=output, overwrite=True, progress=progress, file=str(path))
         name = recipe.method
     task_of = _task_of_expert(recipe, suite, domain)
-    variants = deployment_variants(result)
-    evaluation: dict[str, dict[str, float]] = {}
-    # Within one run a stored key names the same tensor in every size (FlexMerge: ``<weight>@<group>``),
-    # so a task whose view did not change between sizes has the same model: evaluated once.
-    seen: dict[tuple[str, str], float] = {}
-    for variant in variants:
-        scores = {}
-        for label in variant.tasks:
-            key = (label, json.dumps(variant.manifest["views"][label], sort_keys=True))
-            if key not in seen:
-                model = load_task_model(variant.directory, label)
-                seen[key] = evaluate(model, task_of[label], suite)
-                del model
-            scores[label] = seen[key]
-        evaluation[variant.label] = scores
+    variants, evaluation = evaluate_deployment(result, task_of, suite)
     repo = recipe.output.repo
     if repo:
         experts = {label: suite.task(task).metrics.get("expert") for label, task in task_of.items()}
@@ -247,6 +242,100 @@ def run_deployment_recipe(path: Path, recipe, domain: str, suite, report: DemoRe
         where = f"{repo}@{variant.revision}" if repo and variant.revision else repo
         accuracies = {task_of[t]: v for t, v in evaluation[variant.label].items()}
         report.rows.append(DemoRow(label, domain, accuracies, where, storage=variant.model_equivalents))
+
+
+def evaluate_deployment(result, task_of: dict[str, str], suite) -> tuple[list, dict[str, dict[str, float]]]:
+    """Evaluate every task of every variant (FlexMerge size) of a deployment with its own task model.
+
+    Within one run a stored key names the same tensor in every size (FlexMerge: ``<weight>@<group>``),
+    so a task whose view did not change between sizes has the same model: it is evaluated once.
+
+    Args:
+        result: What :func:`~hubmerge.flexmerge.run_flexmerge` or :func:`~hubmerge.deployment.run_deployment`
+            returned.
+        task_of: Deployment task label -> the suite task it is scored on.
+        suite: The suite.
+
+    Returns:
+        The variants (:func:`~hubmerge.publish.deployment_variants`) and, per variant label, task label -> accuracy.
+    """
+    from .deployment import load_task_model
+    from .publish import deployment_variants
+    from .suite import evaluate
+
+    variants = deployment_variants(result)
+    evaluation: dict[str, dict[str, float]] = {}
+    seen: dict[tuple[str, str], float] = {}
+    for variant in variants:
+        scores = {}
+        for label in variant.tasks:
+            key = (label, json.dumps(variant.manifest["views"][label], sort_keys=True))
+            if key not in seen:
+                model = load_task_model(variant.directory, label)
+                seen[key] = evaluate(model, task_of[label], suite)
+                del model
+            scores[label] = seen[key]
+        evaluation[variant.label] = scores
+    return variants, evaluation
+
+
+def run_dynamic_recipe(path: Path, recipe, domain: str, suite, report: DemoReport, *, output: Path,
+                       progress=None) -> None:
+    """A dynamic method (SE-Merging): write the dynamic deployment, evaluate it on every task with
+    :func:`hubmerge.dynamic.evaluate_dynamic` (accuracy, routing accuracy, inference time against the static
+    merge), publish it with its card, and add one report row.
+    """
+    from .deployment import run_deployment
+    from .dynamic import evaluate_dynamic, publish_dynamic
+
+    result = run_deployment(recipe, output=output, overwrite=True, progress=progress, file=str(path))
+    task_of = _task_of_expert(recipe, suite, domain)
+    evaluation = evaluate_dynamic(result.output_dir, suite, task_of=task_of)
+    repo = recipe.output.repo
+    if repo:
+        publish_dynamic(result, repo, private=recipe.output.private, evaluation=evaluation,
+                        task_type="image-classification" if domain == "vision" else "text-classification")
+        report.repos.append(repo)
+    report.outputs.append(result.output_dir)
+    accuracies = {task_of[t]: v for t, v in evaluation.accuracy.items()}
+    storage = result.extra["deployment"]["storage"]["model_equivalents"]
+    report.rows.append(DemoRow(f"{recipe.method} ({recipe.name})", domain, accuracies, repo, storage=storage,
+                               routing=evaluation.routing_accuracy, overhead=evaluation.overhead))
+
+
+def publish_suite_data(suite, api) -> list[str]:
+    """Push each domain's test splits as a Hub *dataset* repo ``demo/<domain>-data`` (``<task>.safetensors``).
+
+    Recipes that learn from samples (AdaMerging) read them through ``data:``; the labels in the files are
+    not used. Skipped when the repo already holds this build of the suite.
+
+    Returns:
+        The dataset repo ids.
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    repos = []
+    for domain in suite.domains:
+        repo = repo_for(domain, "data")
+        repos.append(repo)
+        stamp = json.dumps({"fingerprint": suite.config.fingerprint(domain)}, sort_keys=True)
+        try:
+            current = api.hf_hub_download(repo, SUITE_MARKER, repo_type="dataset")
+            if Path(current).read_text() == stamp:
+                logger.info("demo: dataset %s is up to date", repo)
+                continue
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            pass
+        api.create_repo(repo, repo_type="dataset", exist_ok=True)
+        ops = [CommitOperationAdd(f"{suite.task(t).name}.safetensors", str(suite.task(t).test_path))
+               for t in suite.tasks_for(domain)]
+        card = (f"# {repo}\n\nThe test splits of the hubmerge demo suite's {domain} tasks, one "
+                "`<task>.safetensors` each (model inputs and `labels`). AdaMerging recipes read them unlabeled.\n")
+        ops += [CommitOperationAdd("README.md", card.encode()), CommitOperationAdd(SUITE_MARKER, stamp.encode())]
+        api.create_commit(repo, operations=ops, repo_type="dataset", commit_message=f"hubmerge demo suite: {domain} data")
+        logger.info("demo: pushed dataset %s", repo)
+    return repos
 
 
 def baseline_rows(suite) -> list[DemoRow]:
@@ -303,6 +392,7 @@ def run_demo(work: str | os.PathLike[str] = ".hubmerge-demo", *, recipes: str | 
         report = DemoReport(endpoint)
         suite = build_suite(work / "suite")
         report.repos += publish_suite(suite, HfApi())
+        report.repos += publish_suite_data(suite, HfApi())  # `data:` of the AdaMerging recipe
         report.rows += baseline_rows(suite)
         files = sorted(Path(recipes).glob("demo-*.yaml"))
         for path in files:

@@ -221,6 +221,8 @@ class DeploymentWriter:
         overwrite: Replace an existing directory that is not hubmerge's.
         scalars: Number of per-task scalars the views carry (EMR's rescalers), counted as
             :data:`SCALAR_BYTES` each in the storage.
+        writer_class: The weights writer (a :class:`~hubmerge.writer.ShardedWriter`; the distributed
+            executor passes one whose shards are written by workers, see :attr:`sharded`).
 
     Raises:
         DeploymentError: If the views do not fit the stored tensors.
@@ -229,7 +231,7 @@ class DeploymentWriter:
 
     def __init__(self, target: Path, *, tasks: list[str], weights: list[TensorSpec], stored: list[TensorSpec],
                  views: dict[str, dict[str, Any]], kind: str, shard_size: int, model_class: str | None = None,
-                 overwrite: bool = False, scalars: int = 0):
+                 overwrite: bool = False, scalars: int = 0, writer_class: type[ShardedWriter] = ShardedWriter):
         by_key = {s.name: s for s in stored}
         if len(by_key) != len(stored):
             raise DeploymentError("stored tensor keys are not unique")
@@ -241,8 +243,13 @@ class DeploymentWriter:
         self.kind = kind
         self.model_class = model_class
         self.scalars = int(scalars)
-        self._writer = ShardedWriter(Path(target), self.stored, shard_size=shard_size, overwrite=overwrite,
-                                     stem=WEIGHTS_STEM)
+        self._writer = writer_class(Path(target), self.stored, shard_size=shard_size, overwrite=overwrite,
+                                    stem=WEIGHTS_STEM)
+
+    @property
+    def sharded(self) -> ShardedWriter:
+        """The weights writer (its planned ``shards`` and ``file_names``, its ``temp`` directory)."""
+        return self._writer
 
     @property
     def keys(self) -> list[str]:
@@ -408,6 +415,8 @@ class Deployment:
         if not path.is_file():
             sizes = sorted(p.name for p in self.directory.glob("size-*") if (p / MANIFEST).is_file())
             hint = f"; it holds the deployments {', '.join(sizes)}: pass one of them" if sizes else ""
+            if (self.directory / "dynamic.json").is_file():
+                hint = "; it is a dynamic deployment (SE-Merging): load it with hubmerge.load_dynamic_model"
             raise DeploymentError(f"{self.directory}: no {MANIFEST} (not a hubmerge deployment){hint}")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -875,6 +884,11 @@ def run_deployment(recipe, *, output: str | Path | None = None, device: str | No
 
     started = time.perf_counter()
     method = check_deployment(recipe, file=file)
+    if getattr(method, "dynamic", False):  # SE-Merging: a dynamic deployment (hubmerge.dynamic)
+        from .dynamic import run_dynamic
+
+        return run_dynamic(recipe, output=output, device=device, overwrite=overwrite, token=token, progress=progress,
+                           file=file)
     target = Path(output or recipe.output.path or "")
     if not str(target) or str(target) == ".":
         raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)

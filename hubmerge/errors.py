@@ -168,3 +168,7 @@ class UnknownTaskError(HubmergeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DataError(HubmergeError, ValueError):
+    """A recipe's ``data:`` cannot be read: no matching file, an unreadable or inconsistent file, no tokenizer."""

@@ -112,6 +112,37 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | No
     return directory, commit
 
 
+def download_dataset(repo_id: str, *, revision: str | None = None, token: str | None = None,
+                     allow_patterns: list[str] | None = None) -> tuple[Path, str]:
+    """Download (or reuse from the HF cache) files of a *dataset* repo (a recipe's ``data:``).
+
+    Args:
+        repo_id: Hub dataset repo id.
+        revision: Branch, tag or commit (default ``main``).
+        token: Token for private repos; ``None`` uses ``HF_TOKEN`` or the stored login.
+        allow_patterns: Globs of the files wanted (default: every file).
+
+    Returns:
+        ``(directory, commit_hash)``: the snapshot directory and the commit it is pinned to.
+
+    Raises:
+        HubError: Unknown repo or revision, no access, network failure.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        directory = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token,
+                                           allow_patterns=allow_patterns))
+        commit = directory.name
+        if not COMMIT_HASH.match(commit):  # pragma: no cover - layouts other than the HF cache
+            commit = HfApi().dataset_info(repo_id, revision=revision, token=token).sha
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, *_transport_errors()) as exc:
+        raise _hub_error(exc, f"datasets/{repo_id}", revision) from None
+    logger.info("resolved dataset %s@%s -> %s", repo_id, revision or "main", commit[:12])
+    return directory, commit
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str = "Upload merge made with hubmerge", revision: str | None = None,
                 create_pr: bool = False, parent_commit: str | None = None, endpoint: str | None = None) -> str:

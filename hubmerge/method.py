@@ -14,6 +14,10 @@ declare ``prepasses > 0``: before merging, the engine streams every tensor group
 through :meth:`MergeMethod.observe` once per pre-pass, sums the returned tensors over
 all groups and hands the totals to :meth:`MergeMethod.finish_pass`. Because the
 statistics are sums, the pre-pass also runs as a map-reduce over independent units.
+
+Methods that learn from samples (AdaMerging) set ``needs_data``: ``hubmerge validate`` then
+refuses a recipe without ``data:``, and the engine calls :meth:`MergeMethod.prepare` once with a
+:class:`MergeContext` (the recipe, its opened inputs, device and dtype) before any pre-pass.
 """
 
 from __future__ import annotations
@@ -32,6 +36,25 @@ class Params(BaseModel):
     """Base class of a method's parameters: unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class MergeContext:
+    """What :meth:`MergeMethod.prepare` receives from the engine.
+
+    Attributes:
+        recipe: The validated recipe (``recipe.data`` holds the samples' sources).
+        inputs: The opened inputs (:class:`hubmerge.engine.MergeInputs`: base and experts).
+        device: The compute device.
+        dtype: The compute dtype.
+        token: Hub token for private inputs and data (never logged).
+    """
+
+    recipe: Any
+    inputs: Any
+    device: torch.device
+    dtype: torch.dtype
+    token: str | None = None
 
 
 @dataclass
@@ -92,6 +115,8 @@ class MergeMethod:
             for the whole tensor; the engine then streams large tensors in row blocks so
             memory stays bounded by the block, not the tensor. An instance may override it.
         output: ``"model"`` (one merged model) or ``"deployment"`` (per-task outputs).
+        needs_data: The method learns from samples: a recipe must give ``data:`` (an instance
+            may override it, e.g. AdaMerging given its coefficients needs none).
     """
 
     name: ClassVar[str] = ""
@@ -103,6 +128,7 @@ class MergeMethod:
     prepasses: int = 0
     elementwise: bool = False
     output: ClassVar[str] = "model"
+    needs_data: bool = False
 
     def __init__(self, params: Params | dict[str, Any] | None = None):
         """Create the method with validated parameters.
@@ -148,6 +174,17 @@ class MergeMethod:
         """
         if not dtype.is_floating_point:
             raise MethodInputError(f"method {self.name!r} cannot compute in {dtype}")
+
+    # -- optional whole-model preparation --------------------------------------
+    def prepare(self, context: MergeContext) -> None:
+        """Called once by the engine, before the pre-passes, with the recipe and its opened inputs.
+
+        Methods that need samples or forward passes through the whole model (AdaMerging) learn
+        what they need here; the default does nothing.
+
+        Args:
+            context: The :class:`MergeContext`.
+        """
 
     # -- optional global statistics ------------------------------------------
     def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
@@ -197,4 +234,5 @@ class MergeMethod:
             "min_experts": cls.min_experts,
             "max_experts": cls.max_experts,
             "output": cls.output,
+            "needs_data": cls.needs_data,
         }

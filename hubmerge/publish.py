@@ -116,6 +116,12 @@ def publish_deployment(result, repo_id: str, *, private: bool = False, token: st
     import tempfile
 
     from .card import PLOT_FILE, accuracy_size_plot, build_card, deployment_card_inputs
+    from .dynamic import MANIFEST as DYNAMIC_MANIFEST
+
+    if (Path(result.output_dir) / DYNAMIC_MANIFEST).is_file():  # SE-Merging (hubmerge.dynamic): its own card
+        from .dynamic import publish_dynamic
+
+        return {"main": publish_dynamic(result, repo_id, private=private, token=token, task_type=task_type)}
     from .flexmerge import ROOT_SUMMARY
     from .writer import OWNER_MARKER
 

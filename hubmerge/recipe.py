@@ -159,6 +159,76 @@ class FlexMergeSpec(_Strict):
     blocks: Literal["auto"] | list[BlockRule] = "auto"
 
 
+class DataSource(_Strict):
+    """Where one task's samples come from: a Hub *dataset* repo or a local file or directory.
+
+    As a string, an existing local path is local; otherwise ``org/name@rev`` is a dataset repo.
+    ``files`` picks the files inside the repo or directory (a name or glob; ``{task}`` is the
+    expert's label): ``.parquet``, ``.jsonl``/``.json`` or ``.safetensors``; see :mod:`hubmerge.data`.
+    """
+
+    repo: str | None = Field(None, description="Hub dataset repo id (read with repo_type=dataset)")
+    path: str | None = Field(None, description="Local file, or a directory holding the files")
+    revision: str | None = Field(None, description="Branch, tag or commit of the dataset repo")
+    files: str = Field("{task}.*", min_length=1,
+                       description="File name or glob inside the repo/directory; {task} is the expert's label")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if Path(value).expanduser().exists():
+                return {"path": value}
+            repo, _, revision = value.partition("@")
+            return {"repo": repo, "revision": revision or None}
+        return value
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        return ModelRef._revision(value)
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: str) -> str:
+        if value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError(f"{value!r}: `files` is a name or glob inside the repo or directory")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if self.repo is not None and self.path is not None:
+            raise ValueError("give at most one of `repo` or `path`")
+        if self.path is not None and self.revision is not None:
+            raise ValueError("`revision` applies to Hub repos, not local paths")
+        return self
+
+    @property
+    def given(self) -> bool:
+        """Whether a repo or path is set."""
+        return self.repo is not None or self.path is not None
+
+
+class DataSpec(DataSource):
+    """``data:`` — unlabeled samples per task for methods that learn from data (AdaMerging).
+
+    The top level is the default source of every task; ``tasks`` overrides it per expert label.
+    At most ``limit`` samples are taken per task (a seeded shuffle picks them); ``label``/``labels``
+    columns are ignored; a ``text`` column is tokenised with the base's tokenizer.
+    """
+
+    limit: int = Field(64, ge=1, le=1_000_000, description="At most this many samples per task")
+    seed: int | None = Field(0, description="Seed of the shuffle that picks the samples (null: file order)")
+    max_length: int = Field(128, ge=1, description="Token budget when a `text` column is tokenised")
+    tasks: dict[str, DataSource] = Field(default_factory=dict,
+                                         description="Per-task sources, by expert label (override the default)")
+
+
 class Recipe(_Strict):
     """A merge recipe, schema version 1."""
 
@@ -174,6 +244,7 @@ class Recipe(_Strict):
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     flexmerge: FlexMergeSpec | None = None
+    data: DataSpec | None = Field(None, description="Samples for methods that learn from data (AdaMerging)")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -634,4 +705,42 @@ def check_recipe(recipe: Recipe, *, file: str | None = None):
         field = getattr(exc, "field", None)
         field = f"params.{field}" if field else ("experts" if "experts" in str(exc) else "dtype")
         raise RecipeError(str(exc), field=field, file=file) from None
+    check_data(recipe, method, file=file)
     return method
+
+
+def check_data(recipe: Recipe, method, *, file: str | None = None) -> None:
+    """Check the recipe's ``data:`` against the method and the experts (no file is read).
+
+    Args:
+        recipe: A schema-valid recipe.
+        method: Its method instance.
+        file: Name for error messages.
+
+    Raises:
+        RecipeError: ``data`` missing for a method that learns from samples; ``data.tasks.<label>``
+            naming no expert; an expert with no source.
+    """
+    import logging
+
+    spec = recipe.data
+    if spec is None:
+        if getattr(method, "needs_data", False):
+            raise RecipeError(
+                f"method {recipe.method!r} learns from samples: add a `data:` section with unlabeled inputs per "
+                "task (a Hub dataset repo or a local file/directory; see docs/RECIPES.md)", field="data", file=file)
+        return
+    if not getattr(method, "needs_data", False):
+        logging.getLogger(__name__).warning("%s: method %r does not use `data:`; it is ignored",
+                                            file or recipe.name, recipe.method)
+        return
+    labels = [e.label for e in recipe.experts]
+    for key in spec.tasks:
+        if key not in labels:
+            raise RecipeError(f"no expert is labelled {key!r} (experts: {', '.join(labels)})",
+                              field=f"data.tasks.{key}", file=file)
+    for label in labels:
+        source = spec.tasks.get(label)
+        if not (source is not None and source.given) and not spec.given:
+            raise RecipeError(f"no source for expert {label!r}: set `data.repo` or `data.path` for every task, "
+                              f"or `data.tasks.{label}`", field="data", file=file)

@@ -340,7 +340,7 @@ class MethodInfo:
 
 
 def method_infos(registered: dict[str, Any]) -> dict[str, MethodInfo]:
-    """Describe every registered method for the form.
+    """Describe every registered method for the form (not those that need the recipe's ``data:``).
 
     Args:
         registered: :func:`hubmerge.plugins.registered_methods` (name -> RegisteredMethod).
@@ -351,6 +351,8 @@ def method_infos(registered: dict[str, Any]) -> dict[str, MethodInfo]:
     out = {}
     for name, reg in registered.items():
         described = reg.method.describe()
+        if described.get("needs_data"):  # learns from samples (AdaMerging): the form has no `data:` field
+            continue
         out[name] = MethodInfo(
             name=name,
             summary=described.get("summary") or "",

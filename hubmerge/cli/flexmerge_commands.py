@@ -128,6 +128,8 @@ def _dry_run_deployment(args: argparse.Namespace, recipe) -> int:
         tasks = len(inputs.experts)
         scalars = {"model": tasks, "tensor": tasks * len(floating)}.get(method.scalar_scope or "", 0)
         stored = masked_storage_bytes(specs, floating, tasks, scalars)
+        if getattr(method, "dynamic", False):  # SE-Merging: the base and every task vector (hubmerge.dynamic)
+            stored = sum(s.nbytes * (1 + tasks if s.name in floating else 1) for s in specs)
         model = sum(s.nbytes for s in specs)
         print(f"method: {method.name} {method.params.model_dump(mode='json')} (a per-task deployment)")
         for expert in inputs.experts:
