@@ -64,23 +64,29 @@ class Row:
         return sum(self.accuracies.values()) / len(self.accuracies)
 
 
-def demo_params(domain: str, method: str) -> dict | None:
-    """The params of ``recipes/demo-<domain>-<method>.yaml`` (the published, tuned recipe), if any."""
-    path = ROOT / "recipes" / f"demo-{domain}-{method.replace('_', '-')}.yaml"
-    if not path.is_file():
-        return None
-    data = yaml.safe_load(path.read_text())
-    if data.get("method") != method or data.get("flexmerge"):
-        return None
-    return dict(data.get("params") or {})
+def demo_variants(domain: str, method: str) -> list[tuple[str, dict]]:
+    """``(recipe name, recipe data)`` of every published demo recipe of ``domain`` using ``method``
+    (FlexMerge recipes excepted), e.g. ``wudi`` and ``wudi`` closed form."""
+    found = []
+    for path in sorted((ROOT / "recipes").glob(f"demo-{domain}-*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data.get("method") == method and not data.get("flexmerge"):
+            found.append((path.stem, data))
+    return found
 
 
-def recipe_for(suite, domain: str, method: str, params: dict, output: Path, experts=None, flexmerge=None):
+def _shown(params: dict, recipe: str | None) -> str:
+    where = f"`{recipe}`" if recipe else "defaults"
+    return where + (": " + ", ".join(f"{k}={v}" for k, v in params.items()) if params else "")
+
+
+def recipe_for(suite, domain: str, method: str, params: dict, output: Path, experts=None, flexmerge=None,
+               data: dict | None = None):
     """A recipe over the suite's local directories (experts named by their task)."""
     from hubmerge.recipe import recipe_from_dict
 
     experts = experts if experts is not None else suite.experts_for(domain)
-    data = {
+    recipe = {
         "hubmerge": 1,
         "name": f"bench-{domain}-{method}",
         "base": str(suite.base_dir(domain)),
@@ -90,8 +96,18 @@ def recipe_for(suite, domain: str, method: str, params: dict, output: Path, expe
         "output": {"path": str(output)},
     }
     if flexmerge:
-        data["flexmerge"] = flexmerge
-    return recipe_from_dict(data, file=f"<bench {domain}/{method}>")
+        recipe["flexmerge"] = flexmerge
+    if data:
+        recipe["data"] = data
+    return recipe_from_dict(recipe, file=f"<bench {domain}/{method}>")
+
+
+def local_data(suite, domain: str, demo_data: dict | None) -> dict:
+    """The demo recipe's ``data:`` pointed at the suite's own test splits on disk instead of the Hub."""
+    data = {k: v for k, v in (demo_data or {}).items() if k not in ("repo", "revision", "path")}
+    data["path"] = str(suite.base_dir(domain).parent / "data")
+    data.setdefault("files", "{task}.safetensors")
+    return data
 
 
 def reference_rows(suite, domain: str) -> list[Row]:
@@ -106,14 +122,42 @@ def reference_rows(suite, domain: str) -> list[Row]:
     ]
 
 
-def method_rows(suite, domain: str, work: Path, only: set[str] | None) -> list[Row]:
-    """Every installed method on ``domain``: single-output merges, deployments, FlexMerge sizes."""
+def _run_one(recipe, name: str, label: str, shown: str, chosen, experts, suite, domain: str, output: Path,
+             task_of: dict[str, str]) -> list[Row]:
+    """Run one recipe and evaluate it the way its kind of output is used."""
     from hubmerge.demo import evaluate_deployment
     from hubmerge.deployment import is_deployment_method, run_deployment
     from hubmerge.engine import merge
+    from hubmerge.suite import evaluate_all
+
+    started = time.perf_counter()
+    if _is_dynamic(name):
+        from hubmerge.dynamic import evaluate_dynamic, run_dynamic
+
+        result = run_dynamic(recipe, output=output, overwrite=True)
+        ev = evaluate_dynamic(result.output_dir, suite, task_of=task_of)
+        storage = float(result.extra["deployment"]["storage"]["model_equivalents"])
+        return [Row(label, "dynamic", storage, dict(ev.accuracy), shown, time.perf_counter() - started,
+                    {"routing accuracy": f"{ev.routing_accuracy:.3f}",
+                     "inference time vs static merge": f"{ev.overhead:.1f}×"})]
+    if is_deployment_method(name):
+        result = run_deployment(recipe, output=output, overwrite=True)
+        variants, evaluation = evaluate_deployment(result, task_of, suite)
+        return [Row(label, "deployment", v.model_equivalents, evaluation[v.label], shown,
+                    time.perf_counter() - started) for v in variants]
+    result = merge(recipe, output=output, overwrite=True)
+    tasks = [e.task for e in chosen]
+    accuracies = evaluate_all(result.output_dir, suite, domain=domain, tasks=tasks)
+    if chosen is not experts:
+        label = f"{label} ({' + '.join(tasks)} only)"
+    return [Row(label, "merge", 1.0, accuracies, shown, time.perf_counter() - started)]
+
+
+def method_rows(suite, domain: str, work: Path, only: set[str] | None) -> list[Row]:
+    """Every installed method on ``domain``: single-output merges, deployments, FlexMerge sizes."""
+    from hubmerge.demo import evaluate_deployment
     from hubmerge.flexmerge import run_flexmerge
     from hubmerge.plugins import registered_methods
-    from hubmerge.suite import evaluate_all
 
     rows = []
     experts = suite.experts_for(domain)
@@ -122,36 +166,26 @@ def method_rows(suite, domain: str, work: Path, only: set[str] | None) -> list[R
         if only and name not in only:
             continue
         method = registered.method
-        if getattr(method, "needs_data", False):
-            logger.info("%s: needs data, not run here", name)
-            continue
         chosen = experts
         if method.max_experts is not None and len(experts) > method.max_experts:
             chosen = experts[: method.max_experts]
         if len(chosen) < method.min_experts:
             continue
-        params = demo_params(domain, name)
-        shown = ("demo recipe: " if params else "demo recipe (defaults)") if params is not None else "defaults"
-        params = params or {}
-        if params:
-            shown += ", ".join(f"{k}={v}" for k, v in params.items())
-        output = work / "out" / domain / name
-        recipe = recipe_for(suite, domain, name, params, output, experts=chosen)
-        started = time.perf_counter()
-        if is_deployment_method(name):
-            result = run_deployment(recipe, output=output, overwrite=True)
-            variants, evaluation = evaluate_deployment(result, task_of, suite)
-            for variant in variants:
-                rows.append(Row(name, "deployment", variant.model_equivalents, evaluation[variant.label], shown,
-                                time.perf_counter() - started))
-        else:
-            result = merge(recipe, output=output, overwrite=True)
-            tasks = [e.task for e in chosen]
-            accuracies = evaluate_all(result.output_dir, suite, domain=domain, tasks=tasks)
-            label = name if chosen is experts else f"{name} ({' + '.join(tasks)} only)"
-            rows.append(Row(label, "merge", 1.0, accuracies, shown, time.perf_counter() - started))
-        shutil.rmtree(output, ignore_errors=True)
-        logger.info("%s/%s: %.3f", domain, name, rows[-1].average)
+        variants = demo_variants(domain, name) or [(None, {})]
+        for recipe_name, demo in variants:
+            params = dict(demo.get("params") or {})
+            needs_data = getattr(method, "needs_data", False)
+            if needs_data and not demo.get("data"):
+                logger.info("%s/%s: needs data and has no demo recipe giving it; not run", domain, name)
+                continue
+            data = local_data(suite, domain, demo.get("data")) if needs_data else None
+            output = work / "out" / domain / (recipe_name or name)
+            recipe = recipe_for(suite, domain, name, params, output, experts=chosen, data=data)
+            label = name if recipe_name is None or len(variants) == 1 else f"{name} ({recipe_name})"
+            rows += _run_one(recipe, name, label, _shown(params, recipe_name), chosen, experts, suite, domain,
+                             output, task_of)
+            shutil.rmtree(output, ignore_errors=True)
+            logger.info("%s/%s: %.3f", domain, label, rows[-1].average)
     if not only or "flexmerge" in only:
         output = work / "out" / domain / "flexmerge"
         recipe = recipe_for(suite, domain, "task_arithmetic", {}, output,
@@ -168,19 +202,28 @@ def method_rows(suite, domain: str, work: Path, only: set[str] | None) -> list[R
     return rows
 
 
+def _is_dynamic(name: str) -> bool:
+    try:
+        from hubmerge.dynamic import is_dynamic_method
+    except ImportError:
+        return False
+    return is_dynamic_method(name)
+
+
 def table(domain: str, suite, rows: list[Row]) -> list[str]:
     """Markdown table of one domain."""
     tasks = suite.tasks_for(domain)
     expert = next(r for r in rows if r.label.startswith("experts"))
     kind = suite.experts_for(domain)[0].kind
     out = [f"### {domain} ({len(tasks)} tasks, experts: {kind})", "",
-           "| model | storage | " + " | ".join(tasks) + " | avg | normalised | parameters |",
+           "| model | storage | " + " | ".join(tasks) + " | avg | normalised | parameters, notes |",
            "|---|---|" + "---|" * (len(tasks) + 3)]
     for r in rows:
         cells = [f"{r.accuracies[t]:.3f}" if t in r.accuracies else "–" for t in tasks]
         norm = sum(r.accuracies[t] / expert.accuracies[t] for t in r.accuracies) / len(r.accuracies)
+        notes = "; ".join([r.params] + [f"{k} {v}" for k, v in r.extra.items()])
         out.append(f"| {r.label} | {r.storage:.2f}× | " + " | ".join(cells)
-                   + f" | {r.average:.3f} | {norm:.3f} | {r.params} |")
+                   + f" | {r.average:.3f} | {norm:.3f} | {notes} |")
     return out + [""]
 
 
