@@ -1010,7 +1010,8 @@ def check_distributable(recipe: Recipe, method: Any, *, file: str | None = None)
     """Refuse, naming the recipe field, what the distributed executor cannot run (before any work).
 
     It runs single-output merges and FlexMerge recipes; per-task deployment methods (EMR, TALL
-    masks: ``method``) and adapter outputs (``output.format: adapter``) run locally.
+    masks: ``method``), methods that learn from samples (AdaMerging: ``method``) and adapter outputs
+    (``output.format: adapter``) run locally.
 
     Raises:
         RecipeError: With ``field`` ``method`` or ``output.format``.
@@ -1019,6 +1020,10 @@ def check_distributable(recipe: Recipe, method: Any, *, file: str | None = None)
         raise RecipeError(f"method {recipe.method!r} writes a per-task deployment (EMR, TALL...): the distributed "
                           "executor runs single-output merges and FlexMerge recipes; run this one locally "
                           "(without --executor ray)", field="method", file=file)
+    if getattr(method, "needs_data", False):
+        raise RecipeError(f"method {recipe.method!r} learns from samples (`data:`) over the whole model, which the "
+                          "distributed executor does not split into units; run it locally (without --executor ray)",
+                          field="method", file=file)
     if recipe.output.format != "model":
         raise RecipeError("output.format: adapter is not supported by the distributed executor; run it locally "
                           "(without --executor ray)", field="output.format", file=file)

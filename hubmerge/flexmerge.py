@@ -646,6 +646,9 @@ def resolve_inner(spec: FlexMergeSpec, tasks: int, dtype: torch.dtype, *, file: 
     if cls.output != "model":
         raise RecipeError(f"method {cls.name!r} produces per-task outputs; FlexMerge merges its groups with a "
                           "single-output method", field="flexmerge.inner", file=file)
+    if cls.needs_data:
+        raise RecipeError(f"method {cls.name!r} learns from samples over the whole model; FlexMerge merges its "
+                          "groups with a data-free method", field="flexmerge.inner", file=file)
     mean = getattr(cls, "flexmerge_mean_scaled", None) or MEAN_SCALED.get(cls.name)
     if mean is not None and mean[0] not in cls.Params.model_fields:
         raise RecipeError(f"method {cls.name!r} has no parameter {mean[0]!r} to scale by the group size",

@@ -402,6 +402,7 @@ def test_size_parsing():
     ("slerp", {}, "flexmerge.inner"),  # merges exactly two experts; groups grow to three
     ("ties", {"k": 2.0}, "flexmerge.inner_params.k"),
     ("task_arithmetic", {"weights": [1, 1, 1]}, "flexmerge.inner_params.weights"),
+    ("adamerging", {}, "flexmerge.inner"),  # learns from samples over the whole model
 ])
 def test_inner_method_refused_up_front(tiny_models, tmp_path, inner, params, field):
     _need("task_arithmetic", "ties", "slerp")

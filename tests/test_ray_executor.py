@@ -271,6 +271,12 @@ def test_distributed_refusals_name_the_recipe_field(tiny_models, tmp_path, capsy
         assert main(["run", str(recipe), "--executor", "ray", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "method" in err and "per-task deployment" in err and "locally" in err
+    # a method that learns from samples (AdaMerging): refused naming `method`
+    if "adamerging" in registered_methods():
+        recipe = _recipe(tmp_path, tiny_models, "adamerging", name="a.yaml", data={"path": str(tmp_path)})
+        assert main(["run", str(recipe), "--executor", "ray", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "method" in err and "learns from samples" in err and "locally" in err
     # a FlexMerge recipe handed to the single-output entry point is sent to the FlexMerge one
     flex = load_recipe(_flex_recipe(tmp_path, tiny_models, "task_arithmetic", {}, [1]))
     with pytest.raises(RecipeError, match="flexmerge_distributed") as exc:
