@@ -28,8 +28,12 @@ if kind == "floor":
         else:
             del state
     save_file(keep, spec["output"])
-elif kind == "merge":
+elif kind in ("merge", "merge-warm"):
     import logging
+    if kind == "merge-warm":  # a long-lived process (Space, worker, API user): libraries already imported
+        import peft, transformers  # noqa: F401
+        from hubmerge.engine import merge
+        t0 = time.perf_counter()
     from hubmerge.engine import merge
     from hubmerge.recipe import load_recipe
     merge(load_recipe(arg), overwrite=True)
@@ -82,7 +86,7 @@ def write_synthetic(root: Path, shapes: dict[str, tuple[int, ...]], experts: int
 def run_child(kind: str, arg: str) -> dict:
     """Run one measured job in a fresh Python process; returns wall seconds and peak RSS."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, arg], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, arg], check=False, capture_output=True, text=True,
                          env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
