@@ -508,7 +508,7 @@ def _local_directory(repo_or_dir: str | Path, revision: str | None, token: str |
 
     try:
         ref = ModelRef.model_validate(str(repo_or_dir))
-    except Exception:
+    except ValueError:  # pydantic.ValidationError is a ValueError
         raise DeploymentError(f"{repo_or_dir}: neither a directory nor a Hub repo id") from None
     if ref.path is not None:
         raise DeploymentError(f"{repo_or_dir}: not a directory")
@@ -838,6 +838,33 @@ def _scales_list(scales: Any, tasks: int, name: str, method: str) -> list[float]
     return [float(torch.tensor(v, dtype=torch.float32)) for v in values]
 
 
+def output_setup(recipe, output: str | Path | None, device: str | None, *, file: str | None = None):
+    """Where a deployment goes and how it is computed, checked before any input is read.
+
+    Args:
+        recipe: The validated recipe.
+        output: Output directory overriding ``output.path`` (not confined to the working directory).
+        device: Device overriding the recipe's.
+        file: Recipe file name for errors.
+
+    Returns:
+        ``(target directory, compute device, compute dtype, output dtype or None)``.
+
+    Raises:
+        RecipeError: No output directory, or ``output.path`` escapes the working directory.
+    """
+    from .engine import resolve_device
+    from .writer import confine_output_path
+
+    target = Path(output or recipe.output.path or "")
+    if not str(target) or str(target) == ".":
+        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
+    if output is None:
+        confine_output_path(target, file=file)
+    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    return target, resolve_device(device or recipe.device), getattr(torch, recipe.dtype), out_dtype
+
+
 def run_deployment(recipe, *, output: str | Path | None = None, device: str | None = None, overwrite: bool = False,
                    token: str | None = None, progress=None, file: str | None = None):
     """Run a recipe whose method writes a per-task deployment (EMR, TALL masks).
@@ -876,11 +903,9 @@ def run_deployment(recipe, *, output: str | Path | None = None, device: str | No
         open_inputs,
         output_specs,
         prefetched,
-        resolve_device,
         run_prepasses,
     )
     from .lineage import resolved_recipe_yaml
-    from .writer import confine_output_path
 
     started = time.perf_counter()
     method = check_deployment(recipe, file=file)
@@ -889,14 +914,7 @@ def run_deployment(recipe, *, output: str | Path | None = None, device: str | No
 
         return run_dynamic(recipe, output=output, device=device, overwrite=overwrite, token=token, progress=progress,
                            file=file)
-    target = Path(output or recipe.output.path or "")
-    if not str(target) or str(target) == ".":
-        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
-    if output is None:
-        confine_output_path(target, file=file)
-    compute_device = resolve_device(device or recipe.device)
-    compute_dtype = getattr(torch, recipe.dtype)
-    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    target, compute_device, compute_dtype, out_dtype = output_setup(recipe, output, device, file=file)
 
     inputs = open_inputs(recipe, token=token)
     writer = None

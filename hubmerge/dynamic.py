@@ -150,7 +150,7 @@ def run_dynamic(recipe, *, output: str | Path | None = None, device: str | None 
         HubmergeError: Input or output problems; nothing is left at the output path on failure.
     """
     from .checkpoint import DTYPE_NAMES
-    from .deployment import _base_model_class, check_deployment
+    from .deployment import _base_model_class, check_deployment, output_setup
     from .engine import (
         MergeResult,
         Progress,
@@ -159,23 +159,15 @@ def run_dynamic(recipe, *, output: str | Path | None = None, device: str | None 
         open_inputs,
         output_specs,
         prefetched,
-        resolve_device,
     )
     from .lineage import resolved_recipe_yaml
-    from .writer import OWNER_MARKER, ShardedWriter, TensorSpec, confine_output_path
+    from .writer import OWNER_MARKER, ShardedWriter, TensorSpec
 
     started = time.perf_counter()
     method = check_deployment(recipe, file=file)
     if not is_dynamic_method(method):
         raise RecipeError(f"method {recipe.method!r} does not write a dynamic deployment", field="method", file=file)
-    target = Path(output or recipe.output.path or "")
-    if not str(target) or str(target) == ".":
-        raise RecipeError("no output directory (set output.path or pass --output)", field="output.path", file=file)
-    if output is None:
-        confine_output_path(target, file=file)
-    compute_device = resolve_device(device or recipe.device)
-    compute_dtype = getattr(torch, recipe.dtype)
-    out_dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    target, compute_device, compute_dtype, out_dtype = output_setup(recipe, output, device, file=file)
     inputs = open_inputs(recipe, token=token)
     writer = None
     try:
