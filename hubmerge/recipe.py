@@ -64,7 +64,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelRef(_Strict):
+class _RepoOrPath(_Strict):
+    """Shared parsing of a Hub repo (``org/name@rev``) or a local path given as one string."""
+
+    @staticmethod
+    def _is_local(path: Path) -> bool:
+        return path.is_dir()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if cls._is_local(Path(value).expanduser()):
+                return {"path": value}
+            repo, _, revision = value.partition("@")
+            return {"repo": repo, "revision": revision or None}
+        return value
+
+    @field_validator("repo", check_fields=False)
+    @classmethod
+    def _repo(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+    @field_validator("revision", check_fields=False)
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and (not REVISION.match(value) or ".." in value):
+            raise ValueError(f"not a valid revision: {value!r}")
+        return value
+
+
+class ModelRef(_RepoOrPath):
     """A model reference: a Hub repo (optionally pinned to a revision) or a local directory.
 
     As a string, ``org/name@rev`` is a Hub repo at ``rev``; a string that names an
@@ -76,27 +106,6 @@ class ModelRef(_Strict):
     revision: str | None = None
     name: str | None = Field(None, description="Label used in cards and deployments")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if Path(value).expanduser().is_dir():
-                return {"path": value}
-            repo, _, revision = value.partition("@")
-            return {"repo": repo, "revision": revision or None}
-        return value
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, value: str | None) -> str | None:
-        return None if value is None else check_repo_id(value)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str | None) -> str | None:
-        if value is not None and (not REVISION.match(value) or ".." in value):
-            raise ValueError(f"not a valid revision: {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelRef:
@@ -159,7 +168,7 @@ class FlexMergeSpec(_Strict):
     blocks: Literal["auto"] | list[BlockRule] = "auto"
 
 
-class DataSource(_Strict):
+class DataSource(_RepoOrPath):
     """Where one task's samples come from: a Hub *dataset* repo or a local file or directory.
 
     As a string, an existing local path is local; otherwise ``org/name@rev`` is a dataset repo.
@@ -173,25 +182,10 @@ class DataSource(_Strict):
     files: str = Field("{task}.*", min_length=1,
                        description="File name or glob inside the repo/directory; {task} is the expert's label")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if Path(value).expanduser().exists():
-                return {"path": value}
-            repo, _, revision = value.partition("@")
-            return {"repo": repo, "revision": revision or None}
-        return value
+    @staticmethod
+    def _is_local(path: Path) -> bool:
+        return path.exists()  # a single file is a source too
 
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, value: str | None) -> str | None:
-        return None if value is None else check_repo_id(value)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str | None) -> str | None:
-        return ModelRef._revision(value)
 
     @field_validator("files")
     @classmethod
@@ -319,7 +313,7 @@ class _LimitedLoader(yaml.SafeLoader):
     aliases_seen = 0
     depth = 0
 
-    def compose_node(self, parent, index):  # noqa: D401
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases_seen += 1
             if self.aliases_seen > MAX_YAML_ALIASES:
@@ -349,7 +343,7 @@ def parse_yaml(text: str, *, file: str | None = None) -> Any:
     if len(text.encode()) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe larger than {MAX_RECIPE_BYTES} bytes", file=file)
     try:
-        return yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_LimitedLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
