@@ -68,15 +68,20 @@ def run_recipe(args: argparse.Namespace, recipe) -> int:
                                progress=bar, file=args.recipe)
     finally:
         bar.close()
+    print_flexmerge_result(result)
+    if repo:
+        _publish(result, repo, recipe)
+    return 0
+
+
+def print_flexmerge_result(result, where: str = "") -> None:
+    """The run's summary line and one row per size (merges, model-equivalents, MB, directory)."""
     print(f"flexmerge: {len(result.order)} merges over {len(result.blocks)} blocks of {len(result.tasks)} experts, "
-          f"inner {result.inner.name} in {result.seconds:.1f}s on {result.device}")
+          f"inner {result.inner.name} in {result.seconds:.1f}s on {result.device}{where}")
     print(f"{'size':>8}  {'merges':>6}  {'models':>8}  {'MB':>10}  directory")
     for row in result.storage_table():
         print(f"{row['size']:>8}  {row['merges']:>6}  {row['model_equivalents']:>8.3f}  "
               f"{row['bytes'] / 1e6:>10.1f}  {row['path']}")
-    if repo:
-        _publish(result, repo, recipe)
-    return 0
 
 
 def _publish(result, repo: str, recipe) -> None:

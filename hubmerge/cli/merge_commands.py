@@ -142,7 +142,7 @@ def _flexmerge_with_executor(args: argparse.Namespace, recipe) -> int:
     """
     from ..distributed import flexmerge_with_ray
     from ..flexmerge import check_flexmerge
-    from .flexmerge_commands import _publish, _push_target
+    from .flexmerge_commands import _publish, _push_target, print_flexmerge_result
 
     check_flexmerge(recipe, file=args.recipe)
     repo = _push_target(args, recipe)
@@ -154,13 +154,7 @@ def _flexmerge_with_executor(args: argparse.Namespace, recipe) -> int:
     finally:
         bar.close()
     info = result.executor
-    print(f"flexmerge: {len(result.order)} merges over {len(result.blocks)} blocks of {len(result.tasks)} experts, "
-          f"inner {result.inner.name} in {result.seconds:.1f}s on {result.device}, {info.get('units', 0)} write "
-          f"units on {info.get('runner', 'ray')}")
-    print(f"{'size':>8}  {'merges':>6}  {'models':>8}  {'MB':>10}  directory")
-    for row in result.storage_table():
-        print(f"{row['size']:>8}  {row['merges']:>6}  {row['model_equivalents']:>8.3f}  "
-              f"{row['bytes'] / 1e6:>10.1f}  {row['path']}")
+    print_flexmerge_result(result, f", {info.get('units', 0)} write units on {info.get('runner', 'ray')}")
     if repo:
         _publish(result, repo, recipe)
     return 0
