@@ -245,11 +245,12 @@ def plot(path: Path, by_domain: dict[str, list[Row]]) -> None:
         if flex:
             ax.plot([r.storage for r in flex], [normalised(r, expert) for r in flex], "-o", color="tab:blue",
                     label="FlexMerge (task arithmetic), every size", zorder=2)
-        markers = iter("s^vD<>pPX*h8")
+        markers = iter("s^vD<>pPX*h8dH")
+        colors = iter(plt.get_cmap("tab20").colors)
         for r in rows:
             if r.kind == "flexmerge" or "only)" in r.label:
                 continue
-            color = "black" if r.kind == "reference" else ("tab:red" if r.kind == "deployment" else None)
+            color = "black" if r.kind == "reference" else next(colors)
             ax.scatter([r.storage], [normalised(r, expert)], marker=next(markers, "o"), s=50, color=color,
                        label=r.label, zorder=3)
         ax.set_xlabel("storage (model-equivalents)")
