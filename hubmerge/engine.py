@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import HubmergeError, IncompatibleModelError, ModelReferenceError, RecipeError
-from .method import MergeMethod, TensorGroup
+from .errors import HubmergeError, ModelReferenceError, RecipeError
+from .method import MergeContext, MergeMethod, TensorGroup
 from .recipe import Recipe, check_recipe
 from .sources import Expert, FullExpert, ResolvedModel, open_expert, resolve
-from .writer import ShardedWriter, TensorSpec, confine_output_path
+from .writer import BackgroundWriter, ShardedWriter, TensorSpec, confine_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class MergeInputs:
     base: ResolvedModel
     base_checkpoint: Checkpoint
     experts: list[Expert]
+    #: ``(expert file, base file)`` -> whether they are one file (filled as tensors are read).
+    same_files: dict[tuple[Path, Path], bool] = field(default_factory=dict, repr=False)
 
     @property
     def bytes_per_pass(self) -> int:
@@ -199,6 +201,9 @@ class BufferPool:
         """A contiguous tensor of ``shape``/``dtype`` backed by slot ``slot``'s memory."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if nbytes > self.max_bytes:
+            # The slots' memory is let go too (items in flight keep theirs until done): it would
+            # sit unused beside this large item.
+            self._buffers = [None] * len(self._buffers)
             return torch.empty(shape, dtype=dtype)
         index = slot % len(self._buffers)
         buffer = self._buffers[index]
@@ -206,6 +211,16 @@ class BufferPool:
             buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
             self._buffers[index] = buffer
         return buffer[:nbytes].view(dtype).view(shape)
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory lies in one of the slots (it will be overwritten later)."""
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            return False
+        start = tensor.data_ptr()
+        for buffer in self._buffers:
+            if buffer is not None and buffer.data_ptr() <= start < buffer.data_ptr() + buffer.numel():
+                return True
+        return False
 
 
 @dataclass
@@ -217,6 +232,7 @@ class Fetched:
     expert_payloads: list[Any]
     nbytes: int
     stacked: torch.Tensor | None = None  # experts' weights read in place (IN_BUFFER payloads)
+    pool: BufferPool | None = None  # owner of reused memory that ``base``/``stacked`` may live in
 
     @property
     def name(self) -> str:
@@ -225,26 +241,100 @@ class Fetched:
 
 
 def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: BufferPool | None = None,
-           slot: int = 0, dtype: torch.dtype | None = None) -> Fetched:
-    base = inputs.base_checkpoint.get(item.name, item.rows)
-    payloads: list[Any] = []
+           slot: int = 0, dtype: torch.dtype | None = None, pool_base: bool = False,
+           helpers: ThreadPoolExecutor | None = None) -> Fetched:
+    """Read one work item: the base (block) and every expert's payload.
+
+    With a ``pool`` and compute ``dtype``, experts stored in that dtype (or exactly widened to it)
+    land in a reused stacked buffer; with ``pool_base`` the base does too (row 0 of the same
+    buffer, in the compute dtype: no fresh pages, the conversion done here). An expert whose
+    tensor is the base's own bytes (the same file) is copied from the base instead of read again.
+    Reads of a large item are spread over ``helpers`` threads.
+    """
+    base_meta = inputs.base_checkpoint.meta[item.name]
+    floating = base_meta.dtype.is_floating_point
+    pooled = with_experts and pool is not None and dtype is not None
+    base_in_pool = pooled and pool_base and floating and (
+        base_meta.dtype == dtype or dtype in _WIDER.get(base_meta.dtype, ()))
+    shape = base_meta.shape if item.rows is None else (item.rows[1] - item.rows[0], *base_meta.shape[1:])
     stacked = None
-    nbytes = base.nbytes
-    if with_experts:
-        if pool is not None and dtype is not None:
-            stacked = pool.take(slot, (len(inputs.experts), *base.shape), dtype)
-        for i, expert in enumerate(inputs.experts):
-            if stacked is not None and expert.read_weight_into(item.name, stacked[i], item.rows):
-                payloads.append(IN_BUFFER)
-                nbytes += stacked[i].nbytes
-            elif stacked is not None and _read_widened(expert, item, stacked[i]):
-                payloads.append(IN_BUFFER)
-                nbytes += stacked[i].numel() * expert.checkpoint.meta[item.name].dtype.itemsize
-            else:
-                payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
-                payloads.append(payload)
-                nbytes += _payload_bytes(payload)
-    return Fetched(item, base, payloads, nbytes, stacked)
+    if base_in_pool:
+        rows = pool.take(slot, (len(inputs.experts) + 1, *shape), dtype)
+        base, stacked = rows[0], rows[1:]
+    else:
+        base = None
+        if pooled:
+            stacked = pool.take(slot, (len(inputs.experts), *shape), dtype)
+    payloads: list[Any] = [None] * len(inputs.experts) if with_experts else []
+    sizes = [0] * len(payloads)
+    same = [stacked is not None and base_in_pool and _same_bytes(inputs, e, item.name) for e in inputs.experts]
+
+    def read_base() -> int:
+        nonlocal base
+        if base is None:
+            base = inputs.base_checkpoint.get(item.name, item.rows)
+        elif base_meta.dtype == base.dtype:
+            inputs.base_checkpoint.read_into(item.name, base, item.rows)
+        else:
+            inputs.base_checkpoint.read_converted_into(item.name, base, item.rows)
+        return base.numel() * base_meta.dtype.itemsize
+
+    def read_expert(i: int) -> None:
+        expert = inputs.experts[i]
+        if stacked is not None and expert.read_weight_into(item.name, stacked[i], item.rows):
+            payloads[i], sizes[i] = IN_BUFFER, stacked[i].nbytes
+        elif stacked is not None and _read_widened(expert, item, stacked[i]):
+            payloads[i] = IN_BUFFER
+            sizes[i] = stacked[i].numel() * expert.checkpoint.meta[item.name].dtype.itemsize
+        else:
+            payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
+            payloads[i], sizes[i] = payload, _payload_bytes(payload)
+
+    to_read = [i for i in range(len(payloads)) if not same[i]]
+    parallel = helpers is not None and len(to_read) > 1 and \
+        math.prod(shape) * (len(to_read) + 1) * (dtype or base_meta.dtype).itemsize >= SPLIT_READ_BYTES
+    if parallel:
+        futures = [helpers.submit(read_expert, i) for i in to_read[1:]]
+        nbytes = read_base()
+        read_expert(to_read[0])
+        for future in futures:
+            future.result()
+    else:
+        nbytes = read_base()
+        for i in to_read:
+            read_expert(i)
+    for i in range(len(payloads)):
+        if same[i]:  # the base's bytes: the same values as reading them again
+            stacked[i].copy_(base)
+            payloads[i], sizes[i] = IN_BUFFER, base.numel() * base_meta.dtype.itemsize
+    nbytes += sum(sizes)
+    return Fetched(item, base, payloads, nbytes, stacked, pool if pooled else None)
+
+
+def _same_bytes(inputs: MergeInputs, expert: Expert, name: str) -> bool:
+    """Whether a full expert's tensor ``name`` is the base's (same file and offset, same dtype and shape)."""
+    if not isinstance(expert, FullExpert):
+        return False
+    mine, theirs = expert.checkpoint.meta.get(name), inputs.base_checkpoint.meta[name]
+    if mine is None or (mine.offset, mine.nbytes, mine.dtype, mine.shape) != \
+            (theirs.offset, theirs.nbytes, theirs.dtype, theirs.shape):
+        return False
+    key = (mine.file, theirs.file)
+    known = inputs.same_files.get(key)
+    if known is None:
+        known = inputs.same_files[key] = _same_file(mine.file, theirs.file)
+    return known
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+#: A work item at least this large (bytes in the compute dtype) is read by several threads.
+SPLIT_READ_BYTES = 64 * 1024 * 1024
 
 
 #: Exact conversions (every value representable): float16/bfloat16 to float32 or float64, float32 to float64.
@@ -312,7 +402,8 @@ def compute_threads(device: torch.device) -> Iterator[int]:
 
 
 def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookahead: int = 2,
-               threads: int = 2, pooled_dtype: torch.dtype | None = None) -> Iterator[Fetched]:
+               threads: int = 2, pooled_dtype: torch.dtype | None = None,
+               pool_base: bool = False) -> Iterator[Fetched]:
     """Yield each work item's inputs, reading up to ``lookahead`` items ahead in threads.
 
     Non-floating tensors of the base are yielded without expert payloads.
@@ -325,6 +416,9 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
         pooled_dtype: When given (the compute dtype), experts whose stored dtype matches are
             read straight into reusable stacked buffers. The consumer must be done with an
             item (including its :class:`TensorGroup`) before asking for the next one.
+        pool_base: With ``pooled_dtype``, the base's floating tensors are read into the same
+            reused buffers, converted to ``pooled_dtype`` (``Fetched.base`` is then in the
+            compute dtype; :meth:`BufferPool.owns` tells what a result must not keep).
 
     Yields:
         :class:`Fetched` in order.
@@ -341,7 +435,8 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
             elements = elements // m.shape[0] * (item.rows[1] - item.rows[0])
         return elements * width
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool_threads:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read") as pool_threads, \
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hubmerge-read-part") as helpers:
         pending: list[tuple[Future, int]] = []
         upcoming = list(enumerate(work))[::-1]
 
@@ -356,7 +451,7 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
                     return
                 upcoming.pop()
                 pending.append((pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
-                                                    pool, index, pooled_dtype), size))
+                                                    pool, index, pooled_dtype, pool_base, helpers), size))
 
         top_up(True)
         try:
@@ -417,7 +512,7 @@ def observe_items(method: MergeMethod, pass_index: int, inputs: MergeInputs, ite
     The caller must be done with one item's statistics before asking for the next
     (they may share reused buffers). Used by :func:`run_prepasses` and by distributed executors.
     """
-    for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None):
+    for fetched in prefetched(inputs, items, pooled_dtype=dtype if device.type == "cpu" else None, pool_base=True):
         group = build_group(inputs, fetched, device, dtype)
         stats = method.observe(pass_index, group)
         del group
@@ -498,7 +593,7 @@ def _merge_loop(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem],
                 device: torch.device, dtype: torch.dtype, write: Callable[[str, torch.Tensor, bool], None],
                 method_name: str | None, on_item: Callable[[Fetched], None] | None) -> None:
     pooled = dtype if device.type == "cpu" else None
-    for fetched in prefetched(inputs, items, pooled_dtype=pooled):
+    for fetched in prefetched(inputs, items, pooled_dtype=pooled, pool_base=True):
         spec = specs[fetched.name]
         if not fetched.base.dtype.is_floating_point:
             merged = fetched.base
@@ -511,8 +606,12 @@ def _merge_loop(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem],
                     f"{fetched.name!r}, expected {list(group.base.shape)}"
                 )
             del group
-        write(fetched.name, merged.to(device="cpu", dtype=spec.dtype), fetched.item.last)
+        out = merged.to(device="cpu", dtype=spec.dtype)
+        if fetched.pool is not None and fetched.pool.owns(out):
+            out = out.clone()  # a view of a reused buffer (the base, a weight): the writer may keep it
         del merged
+        write(fetched.name, out, fetched.item.last)
+        del out
         if on_item is not None:
             on_item(fetched)
         del fetched  # its buffers are free before the next item is read
@@ -610,6 +709,11 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
 
     started = time.perf_counter()
     inputs = open_inputs(recipe, token=token)
+    try:  # methods that learn from samples (AdaMerging) do it here, before any output exists
+        method.prepare(MergeContext(recipe, inputs, compute_device, compute_dtype, token))
+    except BaseException:
+        inputs.close()
+        raise
     if recipe.output.format == "adapter":
         try:
             return _merge_to_adapter(recipe, method, inputs, target, overwrite=overwrite, device=compute_device,
@@ -632,9 +736,15 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
             if progress:
                 progress(Progress("merge", done[1], len(names), done[0], inputs.bytes_per_pass))
 
-        merge_items(method, inputs, items, writer.specs, compute_device, compute_dtype,
-                    lambda name, tensor, last: writer.write(name, tensor, last=last),
-                    method_name=recipe.method, on_item=merged_one)
+        # Writing (and flushing to disk) runs on a thread of its own, overlapping the merge.
+        background = BackgroundWriter(writer)
+        try:
+            merge_items(method, inputs, items, writer.specs, compute_device, compute_dtype, background.write,
+                        method_name=recipe.method, on_item=merged_one)
+        except BaseException:
+            background.cancel()
+            raise
+        background.close()
         bytes_read += inputs.bytes_per_pass
         copy_model_files(inputs.base.directory, writer)
         experts = [e.resolved for e in inputs.experts]
@@ -665,7 +775,6 @@ def _merge_to_adapter(recipe: Recipe, method: MergeMethod, inputs: MergeInputs, 
     """``output.format: adapter``: see :mod:`hubmerge.adapters.output`."""
     from .adapters.output import check_adapter_output, write_adapter
     from .lineage import resolved_recipe_yaml
-
     from .writer import check_output_path
 
     check_adapter_output(recipe, method, inputs.experts)

@@ -10,12 +10,14 @@ removed by the next run.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,10 @@ class ShardedWriter:
         self._handle = None
         self._handle_index = -1
         self.bytes_written = 0
+        #: When set, the shard being written is flushed to disk (``fdatasync``) every this many
+        #: bytes, so :meth:`finish` has little left to sync (see :class:`BackgroundWriter`).
+        self.sync_bytes: int | None = None
+        self._unsynced = 0
 
     @property
     def names(self) -> list[str]:
@@ -262,10 +268,16 @@ class ShardedWriter:
         with self._io(self.file_names[shard_index]):
             if shard_index != self._handle_index:
                 self._close_handle()
-                self._handle = open(self.temp / self.file_names[shard_index], "wb")
+                self._handle = open(self.temp / self.file_names[shard_index], "wb")  # noqa: SIM115 - kept open across writes
                 self._handle.write(safetensors_header(self.shards[shard_index]))
                 self._handle_index = shard_index
+                self._unsynced = 0
             self._handle.write(data)
+            self._unsynced += data.nbytes
+            if self.sync_bytes and self._unsynced >= self.sync_bytes:
+                self._handle.flush()
+                os.fdatasync(self._handle.fileno())
+                self._unsynced = 0
         self.bytes_written += data.nbytes
         self._partial += data.nbytes
         if self._partial > spec.nbytes or (last and self._partial != spec.nbytes):
@@ -357,3 +369,99 @@ class ShardedWriter:
             except OSError:
                 pass
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+class BackgroundWriter:
+    """Runs a :class:`ShardedWriter`'s writes on a thread of its own, so writing overlaps merging.
+
+    :meth:`write` queues the tensor and returns at once unless more than ``max_pending`` bytes are
+    already waiting (one tensor is always accepted, whatever its size): memory holds at most that
+    much merged output besides the tensor being merged. The caller hands the tensor over and must
+    not change it afterwards. The thread also flushes the shard to disk every ``sync_bytes``, so the
+    ``fsync`` of :meth:`ShardedWriter.finish` no longer waits for the whole output. An error on the
+    thread (a full disk...) is raised by the next :meth:`write` or by :meth:`close`.
+
+    Args:
+        writer: The writer; use it directly again only after :meth:`close` or :meth:`cancel`.
+        max_pending: Bytes of queued tensors above which :meth:`write` waits.
+        sync_bytes: Flush interval on the writing thread (``None``: only at the end).
+    """
+
+    def __init__(self, writer: ShardedWriter, *, max_pending: int = 64 * 1024 * 1024,
+                 sync_bytes: int | None = 256 * 1024 * 1024):
+        self.writer = writer
+        self.max_pending = max_pending
+        self._sync_before = writer.sync_bytes
+        writer.sync_bytes = sync_bytes
+        self._queue: collections.deque[tuple[str, torch.Tensor, bool, int]] = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="hubmerge-write", daemon=True)
+        self._thread.start()
+
+    def write(self, name: str, tensor: torch.Tensor, last: bool = True) -> None:
+        """Queue the next tensor (or block of rows) for :meth:`ShardedWriter.write`.
+
+        Raises:
+            Whatever an earlier write raised on the thread.
+        """
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._cond:
+            while self._error is None and self._pending and self._pending + nbytes > self.max_pending:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            if self._closing:
+                raise ValueError("the background writer is closed")
+            self._queue.append((name, tensor, last, nbytes))
+            self._pending += nbytes  # queued plus being written
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                name, tensor, last, nbytes = self._queue.popleft()
+            try:
+                self.writer.write(name, tensor, last=last)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer, raised there
+                with self._cond:
+                    self._error = exc
+                    self._queue.clear()
+                    self._pending = 0
+                    self._cond.notify_all()
+                return
+            del tensor
+            with self._cond:
+                self._pending -= nbytes
+                self._cond.notify_all()
+
+    def _stop(self, *, drop: bool) -> None:
+        with self._cond:
+            if drop:
+                self._pending -= sum(entry[3] for entry in self._queue)
+                self._queue.clear()
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        self.writer.sync_bytes = self._sync_before
+
+    def close(self) -> None:
+        """Wait until every queued tensor is written.
+
+        Raises:
+            Whatever a write raised on the thread.
+        """
+        self._stop(drop=False)
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Drop what is queued and stop (after the write in progress); never raises."""
+        self._stop(drop=True)
+

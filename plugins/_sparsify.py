@@ -25,7 +25,12 @@ Rules, the same everywhere:
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +42,50 @@ _CHUNK = 1 << 22  # elements per bincount call, bounds the temporaries on big te
 _SMALL = 1 << 16  # per-tensor thresholds of smaller tensors by kthvalue (cheaper than 2 histograms)
 _MERGE_BYTES = 4 << 20  # trimmed task vectors of one block of entries (all tasks), kept in cache
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # int16 index of a float32's high half
+_PARALLEL_MIN = 1 << 20  # entries per task from which a tensor's work is split over the worker threads
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_count() -> int:
+    """Threads the per-tensor work is split over: the usable cores (at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    """``[fn(x) for x in items]``, run on a shared pool of worker threads when there are several.
+
+    The work is independent torch ops on disjoint data (the GIL is released inside them), each
+    op single-threaded (the engine sets one intra-op thread on the CPU): several Python threads
+    use several cores without OpenMP's spin-waiting barriers. Results are in ``items`` order and
+    equal to the sequential ones.
+    """
+    global _pool
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_worker_count(), thread_name_prefix="hubmerge-sparsify")
+        pool = _pool
+    futures = [pool.submit(fn, x) for x in items[1:]]
+    first = fn(items[0])  # the calling thread works too
+    return [first, *(f.result() for f in futures)]
+
+
+def _split(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``parts`` contiguous spans covering ``range(total)``, boundaries multiples of ``align``."""
+    if total <= 0:
+        return []
+    per_part = -(-total // max(1, parts))  # ceil
+    size = -(-per_part // align) * align  # rounded up to a multiple of align
+    return [(start, min(total, start + size)) for start in range(0, total, size)]
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -75,10 +124,68 @@ def tensor_thresholds(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
         flat = deltas.reshape(count, -1).abs().float()
         # kthvalue counts from the smallest: the m-th largest is the (n - m + 1)-th smallest.
         return flat.kthvalue(n - m + 1, dim=1).values
-    finder = GlobalThreshold(fraction, key="tensor")
-    for pass_index in range(GlobalThreshold.passes):
-        finder.finish_pass(pass_index, finder.observe(pass_index, deltas))
-    return finder.require(count)
+
+    if deltas.device.type != "cpu":
+        finder = GlobalThreshold(fraction, key="tensor")
+        for pass_index in range(GlobalThreshold.passes):
+            finder.finish_pass(pass_index, finder.observe(pass_index, deltas))
+        return finder.require(count)
+    m = keep_count(fraction, n)
+
+    def search(tasks: tuple[int, int]) -> list[torch.Tensor]:  # each task's search is independent
+        bins = torch.empty(n, dtype=torch.int16)
+        return [_row_threshold(deltas[t], m, bins) for t in range(*tasks)]
+
+    workers = _worker_count() if n >= _PARALLEL_MIN else 1
+    return torch.stack([v for part in _parallel_map(search, _split(count, workers)) for v in part])
+
+
+def _row_threshold(row: torch.Tensor, m: int, bins: torch.Tensor) -> torch.Tensor:
+    """The ``m``-th largest float32 magnitude of one task's tensor (CPU), exactly.
+
+    :class:`GlobalThreshold`'s two passes run on one tensor, the second one cheaper: pass 0
+    histograms the high halves of the float32 patterns of ``|x|`` and keeps each entry's bin in
+    ``bins`` (int16, one per entry); pass 1 picks the entries of the bin holding the threshold from
+    the kept bins (few: one bin is 1/128 of a binade) and ranks their patterns with ``kthvalue``.
+    The patterns of non-negative floats are ordered like their values, so this is the same value
+    as the low-half histogram of :meth:`GlobalThreshold.observe` would give.
+    """
+    flat = row.reshape(-1)
+    n = flat.numel()
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for start in range(0, n, _CHUNK):
+        high = flat[start:start + _CHUNK].float().view(torch.int16)[_HIGH_HALF::2]
+        chunk_bins = torch.bitwise_and(high, HIGH_BINS - 1, out=bins[start:start + high.numel()])
+        hist += torch.bincount(chunk_bins, minlength=HIGH_BINS)
+    from_top = hist.flip(0).cumsum(0)
+    position = int((from_top < m).sum())  # first position from the top reaching m
+    high_bin = HIGH_BINS - 1 - position
+    above = int(from_top[position]) - int(hist[high_bin])
+    inside = torch.empty(min(n, _CHUNK), dtype=torch.bool)
+    found = []
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        selected = torch.eq(bins[start:stop], high_bin, out=inside[:stop - start])
+        found.append(flat[start:stop][_true_positions(selected)].float().view(torch.int32)
+                     .bitwise_and(0x7FFFFFFF))  # |x|'s pattern
+    patterns = torch.cat(found)
+    rank = m - above  # the threshold is the rank-th largest pattern of its bin
+    return patterns.kthvalue(patterns.numel() - rank + 1).values.view(torch.float32)
+
+
+def _true_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a 1-D bool tensor, in order (fast when they are few).
+
+    The mask is scanned as 64-bit words (eight entries each), which skips the all-false words at
+    an eighth of the cost of :func:`torch.nonzero` on the entries themselves.
+    """
+    body = mask.numel() - mask.numel() % 8
+    words = torch.nonzero(mask[:body].view(torch.int64)).squeeze(1)
+    candidates = (words.mul_(8).unsqueeze(1) + torch.arange(8)).reshape(-1)
+    found = candidates[mask[candidates]]
+    if body == mask.numel():
+        return found
+    return torch.cat([found, torch.nonzero(mask[body:]).squeeze(1).add_(body)])
 
 
 def trim_masks(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -132,7 +239,8 @@ def ties_merge(deltas: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return merged.div_(agreeing.clamp_(min=1))
 
 
-def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | None) -> torch.Tensor:
+def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | None, *,
+                   scale: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
     """Trim ``deltas`` to ``k`` (global ``thresholds`` if given, else per tensor) and TIES-merge.
 
     The result is :func:`ties_merge` of :func:`trim_masks`, computed block by block of entries
@@ -142,13 +250,17 @@ def trim_and_merge(deltas: torch.Tensor, k: float, thresholds: torch.Tensor | No
         deltas: Task vectors ``(T, *shape)``, left untouched.
         k: Fraction kept.
         thresholds: Global per-task thresholds (float32), or ``None`` for per-tensor ranking.
+        scale: Multiplies the merged task vector (``merged.mul_(scale)``, skipped when 1).
+        base: Added last when given (``.add_(base)``, shape ``deltas.shape[1:]``), block by block
+            while the block is in cache: the same values as doing both afterwards.
 
     Returns:
-        The merged task vector, shape ``deltas.shape[1:]``.
+        The merged task vector (times ``scale``, plus ``base``), shape ``deltas.shape[1:]``.
     """
     if k >= 1.0:
-        return _trimmed_ties(deltas, None)
-    return _trimmed_ties(deltas, thresholds if thresholds is not None else tensor_thresholds(deltas, k))
+        return _trimmed_ties(deltas, None, scale, base)
+    limits = thresholds if thresholds is not None else tensor_thresholds(deltas, k)
+    return _trimmed_ties(deltas, limits, scale, base)
 
 
 def _below(threshold: float, dtype: torch.dtype) -> float | None:
@@ -164,22 +276,32 @@ def _below(threshold: float, dtype: torch.dtype) -> float | None:
     return float((value.view(ints) - 1).view(dtype))  # positive floats: the previous pattern
 
 
-def _trimmed_ties(deltas: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+def _trimmed_ties(deltas: torch.Tensor, thresholds: torch.Tensor | None, scale: float = 1.0,
+                  base: torch.Tensor | None = None) -> torch.Tensor:
     """``ties_merge(deltas, trim_masks(deltas, thresholds))`` (``None``: no trim), in blocks.
 
     Each block of entries is trimmed for all tasks into a small scratch (``hardshrink``: one pass),
     its signs elected and its agreeing entries averaged while the block is in cache. The sums run
     over the tasks in the same order with the same values as :func:`ties_merge`, so the results are
-    equal; the only full-size allocation is the result.
+    equal; the only full-size allocation is the result. Large tensors are split into spans of
+    blocks run on the worker threads (each with its own scratch; blocks are independent).
+    ``scale`` and ``base`` finish each block as ``out.mul_(scale).add_(base)`` would.
     """
     count = deltas.shape[0]
     dtype, device = deltas.dtype, deltas.device
     flat = deltas.reshape(count, -1)
     n = flat.shape[1]
     merged = torch.empty(n, dtype=dtype, device=device)
+    base_flat = base.reshape(-1) if base is not None else None
     if n == 0 or count == 0:
-        return merged.zero_().reshape(deltas.shape[1:])
+        merged.zero_()
+        if scale != 1.0:
+            merged.mul_(scale)
+        if base_flat is not None:
+            merged.add_(base_flat)
+        return merged.reshape(deltas.shape[1:])
     bounds: list[float | None] = [None] * count
+    limits: list[float] = []
     if thresholds is not None:
         limits = thresholds.to(device="cpu", dtype=torch.float32).tolist()
         if dtype == torch.float64:  # magnitudes are compared in float32 (see trim_masks)
@@ -187,37 +309,54 @@ def _trimmed_ties(deltas: torch.Tensor, thresholds: torch.Tensor | None) -> torc
         else:
             bounds = [_below(v, dtype) for v in limits]
     step = min(n, max(1 << 12, _MERGE_BYTES // (count * deltas.element_size())))
-    trimmed = torch.empty((count, step), dtype=dtype, device=device)
-    gamma = torch.empty(step, dtype=dtype, device=device)
-    work = torch.empty(step, dtype=dtype, device=device)
-    mask = torch.empty(step, dtype=torch.bool, device=device)
-    agreeing = torch.empty(step, dtype=torch.uint8 if count < 256 else torch.int32, device=device)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        width = stop - start
-        g, s, m, c = gamma[:width], work[:width], mask[:width], agreeing[:width]
-        g.zero_()
-        for t in range(count):
-            d, tr = flat[t, start:stop], trimmed[t, :width]
-            bound = bounds[t]
-            if bound is None:
-                tr.copy_(d)
-            elif bound != bound:  # float64: |d| rounded to float32 against the float32 threshold
-                torch.ge(torch.abs(d, out=s).float(), limits[t], out=m)
-                torch.mul(d, m, out=tr)
+    # Agreeing tasks are counted by summing 0/1 values in the compute dtype: exact below 256 tasks
+    # for every floating dtype (bfloat16 holds the integers up to 256). More tasks count in int32.
+    small_count = count < 256
+
+    def span(bounds_of_span: tuple[int, int]) -> None:
+        trimmed = torch.empty((count, step), dtype=dtype, device=device)
+        gamma = torch.empty(step, dtype=dtype, device=device)
+        work = torch.empty(step, dtype=dtype, device=device)
+        mask = torch.empty(step, dtype=torch.bool, device=device)
+        agreeing = torch.empty(step, dtype=dtype if small_count else torch.int32, device=device)
+        for start in range(bounds_of_span[0], bounds_of_span[1], step):
+            stop = min(bounds_of_span[1], start + step)
+            width = stop - start
+            g, s, m, c = gamma[:width], work[:width], mask[:width], agreeing[:width]
+            tr_all = trimmed[:, :width]
+            g.zero_()
+            for t in range(count):
+                d, tr = flat[t, start:stop], trimmed[t, :width]
+                bound = bounds[t]
+                if bound is None:
+                    tr.copy_(d)
+                elif math.isnan(bound):  # float64: |d| rounded to float32 against the float32 threshold
+                    torch.ge(torch.abs(d, out=s).float(), limits[t], out=m)
+                    torch.mul(d, m, out=tr)
+                else:
+                    torch.ops.aten.hardshrink.out(d, bound, out=tr)
+                g.add_(tr)
+            g.sign_()
+            # |trimmed| where its sign is the elected one, else 0 (all tasks in one op each)
+            tr_all.mul_(g).clamp_(min=0)
+            out = merged[start:stop]
+            out.zero_()
+            for t in range(count):
+                out.add_(tr_all[t])
+            if small_count:
+                torch.sum(tr_all.sign_(), dim=0, out=c)  # 1 per agreeing task: exact
             else:
-                torch.ops.aten.hardshrink.out(d, bound, out=tr)
-            g.add_(tr)
-        g.sign_()
-        out = merged[start:stop]
-        out.zero_()
-        c.zero_()
-        for t in range(count):
-            torch.mul(trimmed[t, :width], g, out=s)  # |trimmed| where its sign is the elected one
-            torch.gt(s, 0, out=m)
-            c.add_(m)
-            out.add_(s.clamp_(min=0))
-        out.mul_(g).div_(c.clamp_(min=1))
+                c.zero_()
+                for t in range(count):
+                    c.add_(torch.gt(tr_all[t], 0, out=m))
+            out.mul_(g).div_(c.clamp_(min=1))
+            if scale != 1.0:
+                out.mul_(scale)
+            if base_flat is not None:
+                out.add_(base_flat[start:stop])
+
+    workers = _worker_count() if device.type == "cpu" and count * n >= 2 * _PARALLEL_MIN else 1
+    _parallel_map(span, _split(n, workers, step))
     return merged.reshape(deltas.shape[1:])
 
 

@@ -33,6 +33,7 @@ from hubmerge.method import MergeMethod, TensorGroup
 
 COLINEAR_EPS = 5e-4
 NORM_EPS = 1e-8
+_CHUNK = 1 << 20  # entries per chunk of the element-wise passes (a few MB: stays in cache)
 
 
 class Params(method.Params):
@@ -77,6 +78,10 @@ class Slerp(MergeMethod):
     min_experts = 2
     max_experts = 2
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._scratch: torch.Tensor | None = None  # float64, reused from tensor to tensor
+
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """Return the spherical interpolation of ``theta_1`` and ``theta_2`` at ``t``.
 
@@ -86,20 +91,55 @@ class Slerp(MergeMethod):
         if group.deltas.shape[0] != 2:
             raise MethodInputError(f"method 'slerp' needs exactly 2 experts, got {group.deltas.shape[0]}")
         t = self.params.t
-        a = group.base + group.deltas[0]
+        base, deltas = group.base, group.deltas
         if t == 0.0:
-            return a
-        b = group.base + group.deltas[1]
+            return base + deltas[0]
         if t == 1.0:
-            return b
-        # Half-precision products would lose digits: take them in float32 (a temporary per input).
-        wide_a, wide_b = (a.float(), b.float()) if a.element_size() < 4 else (a, b)
-        dot = float((wide_a * wide_b).sum(dtype=torch.float64))
-        norm_a = float(torch.linalg.vector_norm(wide_a, dtype=torch.float64))
-        norm_b = float(torch.linalg.vector_norm(wide_b, dtype=torch.float64))
-        del wide_a, wide_b
+            return base + deltas[1]
+        # a = theta_0 + tau_1 and b = theta_0 + tau_2 are rebuilt chunk by chunk (element-wise, so the
+        # same values) and only ever held in cache: the reductions read a float64 buffer filled chunk
+        # by chunk, which holds what casting the whole tensor would give, and is reused from tensor
+        # to tensor. The sums run over the same float64 values in the same shape as
+        # ``vector_norm(a, dtype=float64)`` and ``(a * b).sum(dtype=float64)``: the same results.
+        half = base.element_size() < 4  # half-precision products would lose digits: float32
+        flat_base, first, second = base.reshape(-1), deltas[0].reshape(-1), deltas[1].reshape(-1)
+        n = flat_base.numel()
+        scratch, self._scratch = self._scratch, None  # a concurrent call allocates its own
+        if scratch is None or scratch.numel() < n or scratch.device != base.device:
+            scratch = torch.empty(n, dtype=torch.float64, device=base.device)
+        try:
+            wide = scratch[:n]
+
+            def reduce(fill, reduction) -> float:
+                for start in range(0, n, _CHUNK):
+                    stop = min(n, start + _CHUNK)
+                    wide[start:stop].copy_(fill(start, stop))
+                return float(reduction(wide.view(base.shape)))
+
+            def a(i: int, j: int) -> torch.Tensor:
+                return flat_base[i:j] + first[i:j]
+
+            def b(i: int, j: int) -> torch.Tensor:
+                return flat_base[i:j] + second[i:j]
+
+            norm = torch.linalg.vector_norm
+            norm_a = reduce(a, norm)
+            norm_b = reduce(b, norm)
+            if half:
+                dot = reduce(lambda i, j: a(i, j).float() * b(i, j).float(), torch.sum)
+            else:
+                dot = reduce(lambda i, j: a(i, j).mul_(b(i, j)), torch.sum)
+        finally:
+            self._scratch = scratch
         s_a, s_b = slerp_coefficients(dot, norm_a, norm_b, t)
-        return a.mul_(s_a).add_(b, alpha=s_b)
+        if half:  # half-precision scalar ops round differently by position (vector body or tail): whole tensors
+            return (base + deltas[0]).mul_(s_a).add_(base + deltas[1], alpha=s_b)
+        out = torch.empty(n, dtype=torch.result_type(base, deltas), device=base.device)
+        for start in range(0, n, _CHUNK):
+            stop = min(n, start + _CHUNK)
+            torch.add(flat_base[start:stop], first[start:stop], out=out[start:stop])
+            out[start:stop].mul_(s_a).add_(b(start, stop), alpha=s_b)
+        return out.view(base.shape)
 
 
 @hookimpl

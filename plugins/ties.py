@@ -97,8 +97,8 @@ class Ties(MergeMethod):
         if group.base.numel() == 0:
             return group.base.clone()
         thresholds = self._global.require(group.deltas.shape[0]) if self._uses_global() else None
-        merged = trim_and_merge(group.deltas, self.params.k, thresholds)
-        return merged.mul_(self.params.scale).add_(group.base)
+        # theta_0 + scale * merged, finished block by block inside trim_and_merge
+        return trim_and_merge(group.deltas, self.params.k, thresholds, scale=self.params.scale, base=group.base)
 
 
 @hookimpl
