@@ -69,6 +69,9 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import gpt2_small_shapes
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TORCH_REQ = "torch==2.13.0"
@@ -101,19 +104,8 @@ class ModelSpec:
 
 def gpt2_spec() -> ModelSpec:
     """GPT-2 small (124M), names as in the Hub's ``gpt2`` checkpoint (no ``transformer.`` prefix)."""
-    d, layers, vocab, ctx, ff = 768, 12, 50257, 1024, 3072
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (vocab, d), "wpe.weight": (ctx, d)}
-    for i in range(layers):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, ff), p + "mlp.c_fc.bias": (ff,),
-            p + "mlp.c_proj.weight": (ff, d), p + "mlp.c_proj.bias": (d,),
-        })
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    d, layers, vocab, ctx = 768, 12, 50257, 1024
+    shapes = gpt2_small_shapes()
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
         "attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1, "bos_token_id": 50256, "eos_token_id": 50256,

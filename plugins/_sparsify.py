@@ -510,3 +510,27 @@ class GlobalThreshold:
                 f"tensor has {tasks} task vectors, the pre-passes saw {self.thresholds.shape[0]}"
             )
         return self.thresholds
+
+
+class GlobalThresholdPasses:
+    """The pre-pass plumbing of a method with an optional model-wide top-k (TIES, DARE + TIES).
+
+    The method sets ``self._global`` (a :class:`GlobalThreshold`) and defines ``_uses_global()``
+    and ``_trim_input(group)`` (the task vectors whose magnitudes are ranked).
+    """
+
+    def observe(self, pass_index: int, group) -> dict[str, torch.Tensor]:
+        """Histograms of the ranked ``|tau|`` (nothing without a model-wide threshold)."""
+        if not self._uses_global():
+            return {}
+        return self._global.observe(pass_index, self._trim_input(group))
+
+    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
+        """Locate the global thresholds from the summed histograms."""
+        if self._uses_global():
+            self._global.finish_pass(pass_index, totals)
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """The global per-task thresholds once the pre-passes ran (float32, shape ``(T,)``)."""
+        return self._global.thresholds

@@ -30,7 +30,7 @@ from hubmerge import method
 from hubmerge.hookspecs import hookimpl
 from hubmerge.method import MergeMethod, TensorGroup
 
-from ._sparsify import GlobalThreshold, trim_and_merge
+from ._sparsify import GlobalThreshold, GlobalThresholdPasses, trim_and_merge
 
 DEFAULT_SCALE = {"task_arithmetic": 0.3, "ties": 1.0}
 
@@ -105,7 +105,7 @@ def drop_and_rescale(group: TensorGroup, density: float, seed: int) -> torch.Ten
     return (group.deltas * drop_mask(group, density, seed)).div_(density)
 
 
-class Dare(MergeMethod):
+class Dare(GlobalThresholdPasses, MergeMethod):
     """DARE: random drop and rescale, then task arithmetic or TIES."""
 
     name = "dare"
@@ -128,21 +128,8 @@ class Dare(MergeMethod):
     def _dropped(self, group: TensorGroup) -> torch.Tensor:
         return drop_and_rescale(group, self.params.density, self.params.seed)
 
-    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
-        """Histograms of the dropped-and-rescaled ``|tau|`` (global TIES threshold only)."""
-        if not self._uses_global():
-            return {}
-        return self._global.observe(pass_index, self._dropped(group))
-
-    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
-        """Locate the global thresholds from the summed histograms."""
-        if self._uses_global():
-            self._global.finish_pass(pass_index, totals)
-
-    @property
-    def thresholds(self) -> torch.Tensor | None:
-        """The global per-task thresholds once the pre-passes ran (float32, shape ``(T,)``)."""
-        return self._global.thresholds
+    def _trim_input(self, group: TensorGroup) -> torch.Tensor:
+        return self._dropped(group)
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """Drop, rescale and combine.

@@ -28,7 +28,7 @@ from hubmerge import method
 from hubmerge.hookspecs import hookimpl
 from hubmerge.method import MergeMethod, TensorGroup
 
-from ._sparsify import GlobalThreshold, trim_and_merge
+from ._sparsify import GlobalThreshold, GlobalThresholdPasses, trim_and_merge
 
 
 class Params(method.Params):
@@ -49,7 +49,7 @@ class Params(method.Params):
     )
 
 
-class Ties(MergeMethod):
+class Ties(GlobalThresholdPasses, MergeMethod):
     """TIES-Merging with a per-tensor or exact model-wide top-k."""
 
     name = "ties"
@@ -72,21 +72,8 @@ class Ties(MergeMethod):
     def _uses_global(self) -> bool:
         return self.params.scope == "global" and self.params.k < 1.0
 
-    def observe(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
-        """Histograms of ``|tau|`` for the global threshold (nothing for ``scope: tensor``)."""
-        if not self._uses_global():
-            return {}
-        return self._global.observe(pass_index, group.deltas)
-
-    def finish_pass(self, pass_index: int, totals: dict[str, torch.Tensor]) -> None:
-        """Locate the global thresholds from the summed histograms."""
-        if self._uses_global():
-            self._global.finish_pass(pass_index, totals)
-
-    @property
-    def thresholds(self) -> torch.Tensor | None:
-        """The global per-task thresholds once the pre-passes ran (float32, shape ``(T,)``)."""
-        return self._global.thresholds
+    def _trim_input(self, group: TensorGroup) -> torch.Tensor:
+        return group.deltas
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """Return ``theta_0 + scale * ties_merge(trim(tau))``.
