@@ -398,6 +398,33 @@ class TaskView:
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+def checked_manifest(path: Path, fmt: str, version: int) -> dict[str, Any]:
+    """Read a JSON manifest and check its ``format`` and that its ``format_version`` is not newer.
+
+    Args:
+        path: The manifest file (it exists).
+        fmt: The expected ``format`` value.
+        version: The newest ``format_version`` this hubmerge reads.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        DeploymentError: Unreadable, of another format, or of a newer version (naming the file).
+    """
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeploymentError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise DeploymentError(f"{path}: not a {fmt} manifest")
+    found = manifest.get("format_version")
+    if not isinstance(found, int) or found > version:
+        raise DeploymentError(f"{path}: format_version {found!r} is newer than this hubmerge reads "
+                              f"({version}); upgrade hubmerge")
+    return manifest
+
+
 class Deployment:
     """A deployment directory opened for reading (manifest checked, tensors read lazily).
 
@@ -418,16 +445,7 @@ class Deployment:
             if (self.directory / "dynamic.json").is_file():
                 hint = "; it is a dynamic deployment (SE-Merging): load it with hubmerge.load_dynamic_model"
             raise DeploymentError(f"{self.directory}: no {MANIFEST} (not a hubmerge deployment){hint}")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DeploymentError(f"{path}: unreadable manifest ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise DeploymentError(f"{path}: not a {FORMAT} manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise DeploymentError(f"{path}: format_version {version!r} is newer than this hubmerge reads "
-                                  f"({FORMAT_VERSION}); upgrade hubmerge")
+        manifest = checked_manifest(path, FORMAT, FORMAT_VERSION)
         self.manifest = manifest
         stat = path.stat()
         self._identity = (str(self.directory.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -560,7 +578,7 @@ def _model_class(name_or_class: Any, manifest_class: str | None):
     return name_or_class
 
 
-def _concrete_class(cls, config):
+def concrete_model_class(cls, config):
     """The model class an ``Auto*`` class would pick for ``config`` (concrete classes unchanged)."""
     mapping = getattr(cls, "_model_mapping", None)
     if mapping is None:
@@ -604,7 +622,7 @@ def load_task_model(repo_or_dir: str | Path, task: str, *, model_class: Any = No
     finally:
         deployment.close()
     config = AutoConfig.from_pretrained(directory)
-    cls = _concrete_class(_model_class(model_class, deployment.manifest.get("model_class")), config)
+    cls = concrete_model_class(_model_class(model_class, deployment.manifest.get("model_class")), config)
     model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
     missing = sorted(info.get("missing_keys", []))
     if missing:

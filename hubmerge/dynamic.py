@@ -241,16 +241,9 @@ def read_dynamic_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise DeploymentError(f"{directory}: no {MANIFEST} (not a hubmerge dynamic deployment)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DeploymentError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DeploymentError(f"{path}: not a {FORMAT} manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DeploymentError(f"{path}: format_version {version!r} is newer than this hubmerge reads "
-                              f"({FORMAT_VERSION}); upgrade hubmerge")
+    from .deployment import checked_manifest
+
+    manifest = checked_manifest(path, FORMAT, FORMAT_VERSION)
     for key in ("method", "tasks", "params"):
         if key not in manifest:
             raise DeploymentError(f"{path}: malformed manifest (no {key!r})")

@@ -75,11 +75,11 @@ def model_class(config_dir: str | Path, name_or_class: Any = None):
     """
     from transformers import AutoConfig
 
-    from .deployment import _concrete_class, _model_class
+    from .deployment import _model_class, concrete_model_class
 
     config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
-    cls = _concrete_class(_model_class(name_or_class, architectures[0] if architectures else None), config)
+    cls = concrete_model_class(_model_class(name_or_class, architectures[0] if architectures else None), config)
     return cls, config
 
 

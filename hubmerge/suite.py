@@ -636,13 +636,14 @@ def load_encoder(model: Any, suite: Suite, *, domain: str | None = None) -> torc
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         from transformers import AutoConfig, AutoModel
 
+        from .deployment import concrete_model_class
+
         # checkpoint names, converted by transformers exactly as when it reads model.safetensors
         config = AutoConfig.from_pretrained(suite.base_dir(domain), local_files_only=True)
         state = {k: v.detach().to(torch.float32) for k, v in model.items()}
         try:
             with _quiet_transformers():
-                module_class = AutoModel._model_mapping[type(config)]
-                module = module_class.from_pretrained(None, config=config, state_dict=state)
+                module = concrete_model_class(AutoModel, config).from_pretrained(None, config=config, state_dict=state)
         except RuntimeError as exc:
             raise IncompatibleModelError(f"state dict does not fit the {domain} base: {exc}") from exc
         return module.eval()
