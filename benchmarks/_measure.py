@@ -18,20 +18,10 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 kind, arg = sys.argv[1], sys.argv[2]
 if kind == "floor":
-    # Read every input's bytes once and write the first one's as the output, flushed to disk.
-    # (safetensors' load_file maps the file: tensors never touched are never read.)
-    import os
     import torch  # noqa: F401  (every merge pays for importing it)
+    from _measure import io_floor
     spec = json.loads(arg)
-    buf = memoryview(bytearray(64 << 20))
-    with open(spec["output"], "wb", buffering=0) as out:
-        for i, path in enumerate(spec["inputs"]):
-            with open(path, "rb", buffering=0) as fh:
-                while n := fh.readinto(buf):
-                    done = 0
-                    while i == 0 and done < n:
-                        done += out.write(buf[done:n])
-        os.fsync(out.fileno())
+    io_floor(spec["inputs"], spec["output"], spec.get("output_bytes"))
 elif kind in ("merge", "merge-warm"):
     import logging
     if kind == "merge-warm":  # a long-lived process (Space, worker, API user): libraries already imported
@@ -44,6 +34,29 @@ elif kind in ("merge", "merge-warm"):
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
+
+
+def io_floor(inputs: list, output, output_bytes: int | None = None) -> float:
+    """The I/O floor: read every byte of every input once, write ``output_bytes`` and flush them.
+
+    Inputs are read with 64 MiB ``readinto`` calls (``safetensors``' ``load_file`` maps the file,
+    so tensors never touched are never read). The bytes written are the inputs' own, in order,
+    ``output_bytes`` of them (default: the first input's size), then ``fsync``-ed, as a merge's
+    output is. Returns the seconds taken; ``output`` is left in place.
+    """
+    t0 = time.perf_counter()
+    want = Path(inputs[0]).stat().st_size if output_bytes is None else output_bytes
+    buf = memoryview(bytearray(64 << 20))
+    with open(output, "wb", buffering=0) as out:
+        for path in inputs:
+            with open(path, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    done = 0
+                    while want > 0 and done < min(n, want):
+                        done += out.write(buf[done:min(n, want)])
+                    want -= done
+        os.fsync(out.fileno())
+    return time.perf_counter() - t0
 
 
 def gpt2_small_shapes() -> dict[str, tuple[int, ...]]:
@@ -91,7 +104,9 @@ def run_child(kind: str, arg: str) -> dict:
     """Run one measured job in a fresh Python process; returns wall seconds and peak RSS."""
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, kind, arg], check=False, capture_output=True, text=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"})
+                         env={**os.environ, "TQDM_DISABLE": "1",
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                          os.environ.get("PYTHONPATH")]))})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -20,8 +20,8 @@ peak memory is the pool plus one tensor's ``(T, n)`` buffer. Generation is timed
 Part B -- writing one deployment against the I/O floor. A ViT-B/32-sized base and 8 experts are
 written as safetensors (reused between runs), then:
 
-* floor: ``safetensors.torch.load_file`` of every input, then ``save_file`` of as many bytes as the
-  deployment stores;
+* floor: :func:`_measure.io_floor`, as in ``bench_merge``: every input byte read once, as many bytes
+  as the deployment stores written and flushed (``fsync``);
 * ``run_flexmerge`` with one size (``--size``, default 4): similarity pass, order, and the
   write pass, all from disk (page cache warm for both, after one untimed floor run).
 
@@ -47,11 +47,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import io_floor  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "flexmerge.md"
 GOALS = {8: 2.3, 30: 20.0}  # the paper's GPU figures for all sizes (Table 2)
 POOL = 1 << 25  # 32M float32 = 128 MB of noise
-REPEATS = 3  # part B: best of this many runs of the floor and of run_flexmerge
+REPEATS = 5  # part B: best of this many runs of the floor and of run_flexmerge
 
 
 def clip_vit_b32_shapes() -> dict[str, tuple[int, ...]]:
@@ -181,31 +184,9 @@ def write_inputs(root: Path, experts: int) -> tuple[Path, list[Path]]:
     return dirs[0], dirs[1:]
 
 
-def io_floor(inputs: list[Path], out: Path, nbytes: int, *, sync: bool = False) -> float:
-    """Read every input with safetensors, then write ``nbytes`` of tensors with safetensors.
-
-    ``load_file`` maps the file; one byte of every 4 KiB page is touched so that every page is
-    really read. The tensors kept for writing are the inputs' own, up to ``nbytes``.
-    """
-    from safetensors.torch import load_file, save_file
-
-    t0 = time.perf_counter()
-    kept: dict[str, torch.Tensor] = {}
-    size = 0
-    for i, path in enumerate(inputs):
-        state = load_file(path / "model.safetensors")
-        for name, tensor in state.items():
-            tensor.reshape(-1).view(torch.uint8)[::4096].sum()
-            if size < nbytes:
-                kept[f"{i}/{name}"] = tensor
-                size += tensor.nbytes
-        del state
-    save_file(kept, out)
-    if sync:
-        fd = os.open(out, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    elapsed = time.perf_counter() - t0
+def floor_seconds(inputs: list[Path], out: Path, nbytes: int) -> float:
+    """:func:`_measure.io_floor` of the inputs' safetensors files, writing ``nbytes`` (then removed)."""
+    elapsed = io_floor([d / "model.safetensors" for d in inputs], out, nbytes)
     out.unlink()
     return elapsed
 
@@ -231,13 +212,14 @@ def bench_write(workdir: Path, experts: int, size: int) -> dict[str, float]:
     stored = result.deployments[0].storage_bytes
     inputs = [base, *expert_dirs]
     input_bytes = sum((d / "model.safetensors").stat().st_size for d in inputs)
-    io_floor(inputs, workdir / "floor.safetensors", stored)  # warm-up
-    floors, synced, runs, writes, similarity, cpu_floor, cpu_run = [], [], [], [], [], [], []
+    floor_seconds(inputs, workdir / "floor.safetensors", stored)  # warm-up
+    floors, runs, writes, similarity, cpu_floor, cpu_run = [], [], [], [], [], []
     for _ in range(REPEATS):
+        os.sync()  # each measurement starts with no dirty pages of the one before being flushed
         c0 = time.process_time()
-        floors.append(io_floor(inputs, workdir / "floor.safetensors", stored))
+        floors.append(floor_seconds(inputs, workdir / "floor.safetensors", stored))
         cpu_floor.append(time.process_time() - c0)
-        synced.append(io_floor(inputs, workdir / "floor.safetensors", stored, sync=True))
+        os.sync()
         t0, c0 = time.perf_counter(), time.process_time()
         result = run_flexmerge(recipe, overwrite=True)
         runs.append(time.perf_counter() - t0)
@@ -247,7 +229,7 @@ def bench_write(workdir: Path, experts: int, size: int) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     return {"experts": experts, "size": size, "prepare": prepare, "input_bytes": input_bytes, "stored_bytes": stored,
             "model_equivalents": result.deployments[0].model_equivalents, "floor": min(floors),
-            "floor_sync": min(synced), "run": min(runs), "write_pass": min(writes)[0], "write_merge": min(writes)[1],
+            "run": min(runs), "write_pass": min(writes)[0], "write_merge": min(writes)[1],
             "write_io": min(writes)[2], "similarity": min(similarity), "load": os.getloadavg()[0],
             "cpu_floor": min(cpu_floor), "cpu_run": min(cpu_run)}
 
@@ -315,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             f"A ViT-B/32-sized base and {write['experts']} experts on disk ({write['input_bytes'] / 1e9:.2f} GB "
             f"of safetensors, page cache warm); one deployment of size {write['size']} "
             f"({write['model_equivalents']:.3f} model-equivalents, {write['stored_bytes'] / 1e9:.2f} GB stored),",
-            "inner `task_arithmetic`. The floor reads every input with `safetensors.torch.load_file` and writes",
-            "the deployment's number of bytes with `save_file`. `run_flexmerge` reads the inputs twice (the",
-            f"similarity pass, then the write pass); best of {REPEATS} runs each.",
+            "inner `task_arithmetic`. The floor (`_measure.io_floor`, the same as `bench_merge`'s) reads every",
+            "byte of every input once and writes the deployment's number of bytes, flushed with `fsync` as",
+            "hubmerge's outputs are. `run_flexmerge` reads the inputs twice (the similarity pass, then the",
+            f"write pass); both timed in this process, best of {REPEATS} runs each.",
             "",
             "| | seconds | vs floor |",
             "|---|---|---|",
@@ -329,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             f"**{write['write_pass'] / write['floor']:.2f}x** |",
             f"| - merging the groups (task vectors + inner method) | {write['write_merge']:.2f} | |",
             f"| - writing the stored tensors (`ShardedWriter`, fsync) | {write['write_io']:.2f} | |",
-            f"| I/O floor with fsync of the output | {write['floor_sync']:.2f} | |",
             f"| CPU time (all threads): floor / `run_flexmerge` | {write['cpu_floor']:.2f} / {write['cpu_run']:.2f} | "
             f"{write['cpu_run'] / max(write['cpu_floor'], 1e-9):.2f}x |",
             "",

@@ -79,6 +79,7 @@ from .engine import (
     Progress,
     ProgressCallback,
     build_group,
+    compute_threads,
     copy_model_files,
     open_inputs,
     output_specs,
@@ -90,7 +91,7 @@ from .engine import (
 from .errors import HubmergeError, MethodInputError, MethodParamError, RecipeError, UnknownMethodError
 from .method import MergeMethod, TensorGroup
 from .recipe import BlockRule, FlexMergeSpec, Recipe, check_recipe, raise_validation_error
-from .writer import OWNER_MARKER, ShardedWriter, TensorSpec, check_output_path
+from .writer import OWNER_MARKER, BackgroundWriter, ShardedWriter, TensorSpec, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -970,6 +971,11 @@ class GroupStatistics:
                 method.finish_pass(pass_index, split.get(index, {}))
 
 
+#: Bytes of one block of a group's task vectors (and its base) in :meth:`_GroupMerger._merge_blocks`:
+#: small enough to stay in a core's cache between building the task vectors and merging them.
+GROUP_BLOCK_BYTES = 2 * 1024 * 1024
+
+
 class _GroupMerger:
     """The write pass's maths for one tensor: each needed group's output, each computed once.
 
@@ -1001,6 +1007,8 @@ class _GroupMerger:
             if members not in users:  # the expert's own tensor, bit for bit
                 i = members[0]
                 merged = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+            elif len(members) > 1 and self._in_blocks(fetched, block, members, base):
+                merged = self._merge_blocks(fetched, block, members, base)
             else:
                 deltas = _member_deltas(self.inputs, fetched, base, members, self.scratch)
                 if len(members) == 1:
@@ -1016,8 +1024,60 @@ class _GroupMerger:
                     if self.scratch.owns(merged) or self.base_copy.owns(merged):
                         merged = merged.clone()  # a view of our reused buffers
                 del deltas
-            outputs[members] = merged.to(device="cpu", dtype=spec.dtype)
+            out = merged.to(device="cpu", dtype=spec.dtype)
+            if fetched.pool is not None and fetched.pool.owns(out):
+                out = out.clone()  # a view of a reused read buffer: the writer thread may still hold it
+            outputs[members] = out
         return outputs
+
+
+    def _in_blocks(self, fetched: Any, block: str, members: tuple[int, ...], base: torch.Tensor) -> bool:
+        """Whether a group merges block by block of rows (:meth:`_merge_blocks`): an element-wise
+        method, a tensor larger than one block, and members that are full fine-tunes whose weights
+        are already in the compute dtype and device."""
+        if not self.instances[(block, members)].elementwise or base.dim() == 0 or base.shape[0] < 2:
+            return False
+        if base.numel() * base.element_size() * (len(members) + 1) <= GROUP_BLOCK_BYTES:
+            return False
+        for i in members:
+            weight = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+            if not (self.full[i] and isinstance(weight, torch.Tensor) and weight.dtype == base.dtype
+                    and weight.device == base.device and weight.shape == base.shape):
+                return False
+        return True
+
+    def _merge_blocks(self, fetched: Any, block: str, members: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
+        """An element-wise group's merge, computed over blocks of rows small enough to stay in cache.
+
+        The members' task vectors of one block are built in a small scratch and merged at once,
+        instead of writing every task vector of the tensor to memory and reading it back; the
+        method sees each block as a :class:`TensorGroup` with ``rows`` (as the engine streams
+        large tensors), so the values are those of merging the whole tensor.
+        """
+        method = self.instances[(block, members)]
+        rows = base.shape[0]
+        row_bytes = max(1, base[0].numel() * base.element_size())
+        step = max(1, min(rows, GROUP_BLOCK_BYTES // (row_bytes * (len(members) + 1))))
+        weights = [fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+                   for i in members]
+        deltas = self.scratch.take((len(members), step, *base.shape[1:]), base.dtype, base.device)
+        own = self.base_copy.take((step, *base.shape[1:]), base.dtype, base.device)
+        merged = torch.empty_like(base)
+        labels = [self.tasks[i] for i in members]
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            width = stop - start
+            block_base = own[:width].copy_(base[start:stop])  # a method may change its base in place
+            block_deltas = deltas[:, :width]
+            for row, weight in enumerate(weights):
+                torch.sub(weight[start:stop], base[start:stop], out=block_deltas[row])
+            result = method.merge_tensor(TensorGroup(fetched.name, block_base, block_deltas, labels,
+                                                     rows=(start, stop)))
+            if tuple(result.shape) != tuple(block_base.shape):
+                raise HubmergeError(f"method {self.method_name!r} returned shape {list(result.shape)} for rows "
+                                    f"{start}:{stop} of {fetched.name!r}, expected {list(block_base.shape)}")
+            merged[start:stop].copy_(result)
+        return merged
 
 
 class _Scratch:
@@ -1078,6 +1138,54 @@ def _model_class(base_dir: Path) -> str | None:
         return architectures[0] if architectures else None
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _write_pass(inputs: MergeInputs, names: list[str], plans: list[DeploymentPlan], writers: list[Any],
+                merger: _GroupMerger, spec_of: dict[str, TensorSpec], block_of: dict[str, str],
+                device: torch.device, dtype: torch.dtype, progress: ProgressCallback | None) -> tuple[float, float]:
+    """Stream every tensor once and hand each deployment its stored tensors, in plan order.
+
+    Writing runs on a :class:`~hubmerge.writer.BackgroundWriter` thread (one for all sizes), so
+    it overlaps reading and merging the next tensors.
+
+    Returns:
+        Seconds spent merging, and seconds the merge loop waited for the writer.
+    """
+    pooled = dtype if device.type == "cpu" else None  # experts read into reused buffers
+    t_compute = t_io = 0.0
+    done_bytes = 0
+    background = BackgroundWriter([w.sharded for w in writers], sync_bytes=None)
+    try:
+        with compute_threads(device):
+            for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):
+                name = fetched.name
+                s = spec_of[name]
+                t1 = time.perf_counter()
+                if name not in block_of:
+                    outputs = {(): fetched.base.to(s.dtype)}
+                    keys = [[(name, ())] for _ in plans]
+                else:
+                    block = block_of[name]
+                    needed = sorted({m for plan in plans for m in plan.groups[block]})
+                    outputs = merger.outputs(fetched, block, needed, s)
+                    keys = [[(tensor_key(name, m), m) for m in plan.groups[block]] for plan in plans]
+                t2 = time.perf_counter()
+                for index, plan_keys in enumerate(keys):
+                    for key, members in plan_keys:
+                        background.write(key, outputs[members], to=index)
+                t_compute += t2 - t1
+                t_io += time.perf_counter() - t2
+                del outputs
+                done_bytes += fetched.nbytes
+                if progress:
+                    progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
+                del fetched  # its buffers are free before the next item is read
+    except BaseException:
+        background.cancel()
+        raise
+    t2 = time.perf_counter()
+    background.close()
+    return t_compute, t_io + time.perf_counter() - t2
 
 
 def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: str | None = None,
@@ -1217,34 +1325,9 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
                 progress=progress)
             timings.update(executor.get("timings", {}))
         merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
-        done_bytes = 0
-        t_compute = t_io = 0.0
-        pooled = compute_dtype if compute_device.type == "cpu" else None  # experts read into reused buffers
-        local = prefetched(inputs, names, pooled_dtype=pooled) if runner is None else ()
-        for count, fetched in enumerate(local, 1):
-            name = fetched.name
-            s = spec_of[name]
-            t1 = time.perf_counter()
-            if name not in block_of:
-                outputs = {(): fetched.base.to(s.dtype)}
-                keys = [[(name, ())] for _ in plans]
-            else:
-                block = block_of[name]
-                needed = sorted({m for plan in plans for m in plan.groups[block]})
-                outputs = merger.outputs(fetched, block, needed, s)
-                keys = [[(tensor_key(name, m), m) for m in plan.groups[block]] for plan in plans]
-            t2 = time.perf_counter()
-            for writer, plan_keys in zip(writers, keys):
-                for key, members in plan_keys:
-                    writer.write(key, outputs[members])
-            t_compute += t2 - t1
-            t_io += time.perf_counter() - t2
-            del outputs
-            done_bytes += fetched.nbytes
-            if progress:
-                progress(Progress("write", count, len(names), done_bytes, inputs.bytes_per_pass))
         if runner is None:
-            timings["write_merge"], timings["write_io"] = t_compute, t_io
+            timings["write_merge"], timings["write_io"] = _write_pass(
+                inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype, progress)
 
         experts = [e.resolved for e in inputs.experts]
         for plan, writer in zip(plans, writers):

@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,28 +373,30 @@ class ShardedWriter:
 
 
 class BackgroundWriter:
-    """Runs a :class:`ShardedWriter`'s writes on a thread of its own, so writing overlaps merging.
+    """Runs :class:`ShardedWriter` writes on a thread of its own, so writing overlaps merging.
 
     :meth:`write` queues the tensor and returns at once unless more than ``max_pending`` bytes are
     already waiting (one tensor is always accepted, whatever its size): memory holds at most that
     much merged output besides the tensor being merged. The caller hands the tensor over and must
-    not change it afterwards. The thread also flushes the shard to disk every ``sync_bytes``, so the
-    ``fsync`` of :meth:`ShardedWriter.finish` no longer waits for the whole output. An error on the
-    thread (a full disk...) is raised by the next :meth:`write` or by :meth:`close`.
+    not change it afterwards. The thread also flushes each shard to disk every ``sync_bytes``, so
+    the ``fsync`` of :meth:`ShardedWriter.finish` no longer waits for the whole output. An error on
+    the thread (a full disk...) is raised by the next :meth:`write` or by :meth:`close`.
 
     Args:
-        writer: The writer; use it directly again only after :meth:`close` or :meth:`cancel`.
+        writer: The writer, or several (a FlexMerge pass writes every size at once); use them
+            directly again only after :meth:`close` or :meth:`cancel`.
         max_pending: Bytes of queued tensors above which :meth:`write` waits.
         sync_bytes: Flush interval on the writing thread (``None``: only at the end).
     """
 
-    def __init__(self, writer: ShardedWriter, *, max_pending: int = 64 * 1024 * 1024,
+    def __init__(self, writer: ShardedWriter | Sequence[ShardedWriter], *, max_pending: int = 64 * 1024 * 1024,
                  sync_bytes: int | None = 256 * 1024 * 1024):
-        self.writer = writer
+        self.writers = [writer] if isinstance(writer, ShardedWriter) else list(writer)
         self.max_pending = max_pending
-        self._sync_before = writer.sync_bytes
-        writer.sync_bytes = sync_bytes
-        self._queue: collections.deque[tuple[str, torch.Tensor, bool, int]] = collections.deque()
+        self._sync_before = [w.sync_bytes for w in self.writers]
+        for w in self.writers:
+            w.sync_bytes = sync_bytes
+        self._queue: collections.deque[tuple[int, str, torch.Tensor, bool, int]] = collections.deque()
         self._pending = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -401,8 +404,14 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="hubmerge-write", daemon=True)
         self._thread.start()
 
-    def write(self, name: str, tensor: torch.Tensor, last: bool = True) -> None:
+    def write(self, name: str, tensor: torch.Tensor, last: bool = True, *, to: int = 0) -> None:
         """Queue the next tensor (or block of rows) for :meth:`ShardedWriter.write`.
+
+        Args:
+            name: Tensor name.
+            tensor: The tensor, handed over.
+            last: Whether this completes the tensor.
+            to: Index of the target writer (in the order given).
 
         Raises:
             Whatever an earlier write raised on the thread.
@@ -415,7 +424,7 @@ class BackgroundWriter:
                 raise self._error
             if self._closing:
                 raise ValueError("the background writer is closed")
-            self._queue.append((name, tensor, last, nbytes))
+            self._queue.append((to, name, tensor, last, nbytes))
             self._pending += nbytes  # queued plus being written
             self._cond.notify_all()
 
@@ -426,9 +435,9 @@ class BackgroundWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                name, tensor, last, nbytes = self._queue.popleft()
+                to, name, tensor, last, nbytes = self._queue.popleft()
             try:
-                self.writer.write(name, tensor, last=last)
+                self.writers[to].write(name, tensor, last=last)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer, raised there
                 with self._cond:
                     self._error = exc
@@ -444,12 +453,13 @@ class BackgroundWriter:
     def _stop(self, *, drop: bool) -> None:
         with self._cond:
             if drop:
-                self._pending -= sum(entry[3] for entry in self._queue)
+                self._pending -= sum(entry[4] for entry in self._queue)
                 self._queue.clear()
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
-        self.writer.sync_bytes = self._sync_before
+        for w, before in zip(self.writers, self._sync_before):
+            w.sync_bytes = before
 
     def close(self) -> None:
         """Wait until every queued tensor is written.

@@ -614,3 +614,26 @@ def test_deployment_pushed_as_a_branch_loads_from_the_hub(ta_run, local_hub, tmp
                                        load_task_model(local, "e1")(ids).last_hidden_state, rtol=0, atol=0)
     exported = export_task(f"{repo}@size-1", "e0", tmp_path / "x")
     assert torch.equal(_state(exported)["pooler.dense.weight"], Deployment(out / "size-1").tensor("e0", "pooler.dense.weight"))
+
+
+@pytest.mark.parametrize("inner, params", [("task_arithmetic", {}), ("ties", {"k": 0.5, "scope": "global"})])
+def test_groups_merged_in_row_blocks_equal_whole_tensors(tiny_models, tmp_path, monkeypatch, inner, params):
+    """The write pass merges element-wise groups block by block of rows: the stored bytes are the same."""
+    import hubmerge.flexmerge as flexmerge
+
+    _need(inner)
+    stored = {}
+    for block_bytes in (flexmerge.GROUP_BLOCK_BYTES, 64):  # 64: every tensor of the tiny model in many blocks
+        monkeypatch.setattr(flexmerge, "GROUP_BLOCK_BYTES", block_bytes)
+        out = tmp_path / f"out-{block_bytes}"
+        result = run_flexmerge(_recipe(tmp_path, tiny_models, ["e0", "e1", "e2"], out, sizes=[1, 2], inner=inner,
+                                       inner_params=params))
+        stored[block_bytes] = {plan.size.directory: {k: v for f in sorted(plan.path.glob("*.safetensors"))
+                                                     for k, v in load_file(f).items()}
+                               for plan in result.deployments}
+    whole, blocked = stored.values()
+    assert whole.keys() == blocked.keys() and all(whole.values())
+    for size, tensors in whole.items():
+        assert tensors.keys() == blocked[size].keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, blocked[size][key]), (size, key)
