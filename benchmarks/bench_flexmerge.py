@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import io_floor  # noqa: E402
+from _measure import io_floor
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "flexmerge.md"
