@@ -101,7 +101,12 @@ def write_synthetic(root: Path, shapes: dict[str, tuple[int, ...]], experts: int
 
 
 def run_child(kind: str, arg: str) -> dict:
-    """Run one measured job in a fresh Python process; returns wall seconds and peak RSS."""
+    """Run one measured job in a fresh Python process; returns wall seconds and peak RSS.
+
+    Dirty pages left by an earlier job are flushed first (``sync``), so no job pays for another's
+    writes.
+    """
+    os.sync()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, kind, arg], check=False, capture_output=True, text=True,
                          env={**os.environ, "TQDM_DISABLE": "1",

@@ -244,7 +244,8 @@ def plan_units(inputs: MergeInputs, method: MergeMethod, shards: list[list[Tenso
         The units, in shard order.
     """
     names = [s.name for shard in shards for s in shard]
-    items = plan_items(inputs, names, elementwise=method.elementwise, dtype=dtype)
+    items = plan_items(inputs, names, elementwise=method.elementwise, dtype=dtype,
+                       tensor_passes=getattr(method, "tensor_passes", 0))
     pre_items = prepass_items(method, inputs, names, dtype)
     shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
     by_shard: list[list[WorkItem]] = [[] for _ in shards]

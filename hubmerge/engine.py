@@ -137,40 +137,53 @@ class WorkItem:
 
     name: str
     rows: tuple[int, int] | None = None
-    last: bool = True  # the last (or only) block of this tensor
+    last: bool = True  # the last (or only) block of this tensor (of this pass, for a tensor pass)
+    tensor_pass: int | None = None  # a per-tensor statistics pass over this block: no output
+
+
+#: A method with ``tensor_passes`` sees a tensor whole unless its group (base and task vectors in
+#: the compute dtype) is larger than this; then the tensor is streamed in row blocks, once per pass.
+TENSOR_PASS_BYTES = 8 * BLOCK_BYTES
 
 
 def plan_items(inputs: MergeInputs, names: list[str], *, elementwise: bool, dtype: torch.dtype,
-               block_bytes: int = BLOCK_BYTES) -> list[WorkItem]:
+               block_bytes: int | None = None, tensor_passes: int = 0) -> list[WorkItem]:
     """Split tensors into work items; large floating tensors become row blocks when allowed.
 
-    Rows are split only when the method is element-wise and every expert can read rows.
+    Rows are split only when every expert can read rows, and the method is element-wise or
+    has ``tensor_passes`` (then only tensors above :data:`TENSOR_PASS_BYTES`, preceded by the
+    blocks of each pass).
 
     Args:
         inputs: The opened inputs.
         names: Tensor names in write order.
         elementwise: The method accepts blocks of rows.
         dtype: Compute dtype (sizes the blocks).
-        block_bytes: Target bytes of one group (base + task vectors) per block.
+        block_bytes: Target bytes of one group (base + task vectors) per block (default
+            :data:`BLOCK_BYTES`).
+        tensor_passes: The method's per-tensor passes (:attr:`MergeMethod.tensor_passes`).
 
     Returns:
         The work items in order.
     """
+    block_bytes = block_bytes or BLOCK_BYTES
     meta = inputs.base_checkpoint.meta
-    can_split = elementwise and all(e.supports_rows for e in inputs.experts)
+    rows_readable = all(e.supports_rows for e in inputs.experts)
     per_element = torch.empty((), dtype=dtype).element_size() * (len(inputs.experts) + 2)
     items: list[WorkItem] = []
     for name in names:
         m = meta[name]
         rows = m.shape[0] if m.shape else 0
         size = per_element * (m.nbytes // max(1, torch.empty((), dtype=m.dtype).element_size()))
-        if not (can_split and m.dtype.is_floating_point and rows > 1 and size > block_bytes):
+        splits = elementwise and size > block_bytes or tensor_passes > 0 and size > TENSOR_PASS_BYTES
+        if not (rows_readable and splits and m.dtype.is_floating_point and rows > 1):
             items.append(WorkItem(name))
             continue
         step = max(1, rows * block_bytes // size)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            items.append(WorkItem(name, (start, stop), last=stop == rows))
+        spans = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        for pass_index in range(0 if elementwise else tensor_passes):
+            items.extend(WorkItem(name, span, last=span[1] == rows, tensor_pass=pass_index) for span in spans)
+        items.extend(WorkItem(name, span, last=span[1] == rows) for span in spans)
     return items
 
 
@@ -593,7 +606,17 @@ def _merge_loop(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem],
                 device: torch.device, dtype: torch.dtype, write: Callable[[str, torch.Tensor, bool], None],
                 method_name: str | None, on_item: Callable[[Fetched], None] | None) -> None:
     pooled = dtype if device.type == "cpu" else None
+    totals: dict[str, torch.Tensor] = {}
     for fetched in prefetched(inputs, items, pooled_dtype=pooled, pool_base=True):
+        item = fetched.item
+        if item.tensor_pass is not None:  # per-tensor statistics: no output yet
+            group = build_group(inputs, fetched, device, dtype)
+            add_statistics(totals, method.observe_tensor(item.tensor_pass, group))
+            del group, fetched
+            if item.last:
+                method.finish_tensor(item.tensor_pass, item.name, totals)
+                totals = {}
+            continue
         spec = specs[fetched.name]
         if not fetched.base.dtype.is_floating_point:
             merged = fetched.base
@@ -728,7 +751,8 @@ def merge(recipe: Recipe, *, output: str | Path | None = None, device: str | Non
         run_prepasses(method, inputs, names, compute_device, compute_dtype, progress)
         bytes_read = inputs.bytes_per_pass * method.prepasses
         done = [0, 0]  # bytes, tensors
-        items = plan_items(inputs, writer.names, elementwise=method.elementwise, dtype=compute_dtype)
+        items = plan_items(inputs, writer.names, elementwise=method.elementwise, dtype=compute_dtype,
+                           tensor_passes=method.tensor_passes)
 
         def merged_one(fetched: Fetched) -> None:
             done[0] += fetched.nbytes

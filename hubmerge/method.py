@@ -67,7 +67,7 @@ class TensorGroup:
         deltas: Task vectors stacked on dim 0, shape ``(T, *base.shape)``.
         experts: The experts' names, in the order of ``deltas``.
         rows: ``(start, stop)`` when this is a block of rows of a larger tensor (only for
-            ``elementwise`` methods), else ``None``.
+            ``elementwise`` methods, or methods with ``tensor_passes``), else ``None``.
     """
 
     name: str
@@ -114,6 +114,12 @@ class MergeMethod:
             block of rows (dim 0) of a tensor and return the same rows of the result as
             for the whole tensor; the engine then streams large tensors in row blocks so
             memory stays bounded by the block, not the tensor. An instance may override it.
+        tensor_passes: How many passes over one tensor's row blocks the method needs before
+            merging that tensor (per-tensor statistics, e.g. TIES' per-tensor top-k). The engine
+            streams a tensor too large to hold whole (see :data:`hubmerge.engine.TENSOR_PASS_BYTES`)
+            in row blocks: :meth:`observe_tensor` for every block and :meth:`finish_tensor` after
+            each pass, then :meth:`merge_tensor` for every block (with ``rows``). Smaller tensors
+            are merged whole, without these calls. An instance may set its own.
         output: ``"model"`` (one merged model) or ``"deployment"`` (per-task outputs).
         needs_data: The method learns from samples: a recipe must give ``data:`` (an instance
             may override it, e.g. AdaMerging given its coefficients needs none).
@@ -127,6 +133,7 @@ class MergeMethod:
     max_experts: ClassVar[int | None] = None
     prepasses: int = 0
     elementwise: bool = False
+    tensor_passes: int = 0
     output: ClassVar[str] = "model"
     needs_data: bool = False
 
@@ -205,6 +212,28 @@ class MergeMethod:
         Args:
             pass_index: 0-based index of the pre-pass.
             totals: Sums of what :meth:`observe` returned over all groups.
+        """
+
+    # -- optional per-tensor statistics over row blocks (tensor_passes) -------
+    def observe_tensor(self, pass_index: int, group: TensorGroup) -> dict[str, torch.Tensor]:
+        """Return one row block's contribution to pass ``pass_index`` over its tensor.
+
+        Args:
+            pass_index: 0-based index of the per-tensor pass.
+            group: A block of rows of the tensor (``group.rows`` set).
+
+        Returns:
+            A mapping of statistic name to tensor; the engine adds them up over the tensor's blocks.
+        """
+        return {}
+
+    def finish_tensor(self, pass_index: int, name: str, totals: dict[str, torch.Tensor]) -> None:
+        """Receive the summed statistics of pass ``pass_index`` over tensor ``name``.
+
+        Args:
+            pass_index: 0-based index of the per-tensor pass.
+            name: The tensor.
+            totals: Sums of what :meth:`observe_tensor` returned over its blocks.
         """
 
     # -- the maths ------------------------------------------------------------------

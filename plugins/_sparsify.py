@@ -38,7 +38,7 @@ from hubmerge.errors import MethodInputError, MethodStateError
 
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32 pattern: the sign bit is 0
 LOW_BINS = 1 << 16
-_CHUNK = 1 << 22  # elements per bincount call, bounds the temporaries on big tensors
+_CHUNK = 1 << 20  # elements per bincount call: bounds the temporaries, and a chunk's bins stay in cache
 _SMALL = 1 << 16  # per-tensor thresholds of smaller tensors by kthvalue (cheaper than 2 histograms)
 _MERGE_BYTES = 4 << 20  # trimmed task vectors of one block of entries (all tasks), kept in cache
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # int16 index of a float32's high half
@@ -402,6 +402,9 @@ class GlobalThreshold:
     def observe(self, pass_index: int, deltas: torch.Tensor) -> dict[str, torch.Tensor]:
         """This tensor's histograms for pass ``pass_index``.
 
+        Tasks are histogrammed on the worker threads when the tensor is large (each task's
+        histogram is its own, so the counts are those of a sequential loop).
+
         Args:
             pass_index: 0 (high halves) or 1 (low halves inside the selected bins).
             deltas: Task vectors, shape ``(T, *shape)``.
@@ -409,33 +412,35 @@ class GlobalThreshold:
         Returns:
             ``{f"{key}.high": (T, HIGH_BINS)}`` or ``{f"{key}.low": (T, LOW_BINS)}``, int64 counts.
         """
+        if pass_index not in (0, 1):
+            raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")
+        if pass_index == 1 and self._high_bin is None:
+            raise MethodStateError("global threshold: pass 1 observed before pass 0 finished")
         count = deltas.shape[0]
-        # |x|'s pattern is x's with the sign bit cleared: the high half's top bit.
-        size = min(deltas[0].numel(), _CHUNK) if count else 0
-        high = torch.empty(size, dtype=torch.int16, device=deltas.device)
-        if pass_index == 0:
-            self._check_tasks(count)
-            hist = torch.zeros((count, HIGH_BINS), dtype=torch.int64, device=deltas.device)
-            for t in range(count):
-                for hi, _ in self._halves(deltas[t]):
-                    bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
-                    hist[t] += torch.bincount(bins, minlength=HIGH_BINS)
-            return {f"{self.key}.high": hist}
-        if pass_index == 1:
-            if self._high_bin is None:
-                raise MethodStateError("global threshold: pass 1 observed before pass 0 finished")
-            self._check_tasks(count)
-            hist = torch.zeros((count, LOW_BINS), dtype=torch.int64, device=deltas.device)
-            inside = torch.empty(size, dtype=torch.bool, device=deltas.device)
-            for t in range(count):
-                wanted = int(self._high_bin[t])
+        self._check_tasks(count)
+        n = deltas[0].numel() if count else 0
+        bins = HIGH_BINS if pass_index == 0 else LOW_BINS
+        hist = torch.zeros((count, bins), dtype=torch.int64, device=deltas.device)
+        size = min(n, _CHUNK)
+
+        def histogram(tasks: tuple[int, int]) -> None:
+            # |x|'s pattern is x's with the sign bit cleared: the high half's top bit.
+            high = torch.empty(size, dtype=torch.int16, device=deltas.device)
+            inside = torch.empty(size, dtype=torch.bool, device=deltas.device) if pass_index else None
+            for t in range(*tasks):
+                wanted = int(self._high_bin[t]) if pass_index else 0
                 for hi, lo in self._halves(deltas[t]):
-                    bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
-                    selected = torch.eq(bins, wanted, out=inside[:hi.numel()])
-                    low = lo[selected].to(torch.int32).bitwise_and_(LOW_BINS - 1)
+                    chunk_bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
+                    if pass_index == 0:
+                        hist[t] += torch.bincount(chunk_bins, minlength=HIGH_BINS)
+                        continue
+                    selected = torch.eq(chunk_bins, wanted, out=inside[:hi.numel()])
+                    low = lo[_true_positions(selected)].to(torch.int32).bitwise_and_(LOW_BINS - 1)
                     hist[t] += torch.bincount(low, minlength=LOW_BINS)
-            return {f"{self.key}.low": hist}
-        raise MethodStateError(f"global threshold has 2 passes, got pass index {pass_index}")
+
+        parallel = deltas.device.type == "cpu" and n >= _PARALLEL_MIN
+        _parallel_map(histogram, _split(count, _worker_count() if parallel else 1))
+        return {f"{self.key}.high" if pass_index == 0 else f"{self.key}.low": hist}
 
     @staticmethod
     def _find_from_top(

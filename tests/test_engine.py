@@ -189,14 +189,20 @@ def test_existing_foreign_output_refused_unless_overwrite(tiny_models, tmp_path)
 
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {"scale": 0.7}),
                                             ("ties", {"k": 0.3, "scope": "global"}),
+                                            ("ties", {"k": 0.3, "scope": "tensor"}),
                                             ("linear", {"weights": [1.0, 3.0]})])
 def test_row_blocks_give_the_same_result(tiny_models, tmp_path, monkeypatch, method, params):
-    """Element-wise methods stream big tensors in row blocks: identical bytes to whole tensors."""
+    """Element-wise methods stream big tensors in row blocks, and so does TIES' per-tensor top-k
+    (after its per-tensor passes over the blocks): identical bytes to whole tensors."""
     import hubmerge.engine as engine
 
     outs = {}
+    calls = []
+    build_group = engine.build_group
     for label, block in (("whole", 1 << 40), ("blocks", 2048)):
         monkeypatch.setattr(engine, "BLOCK_BYTES", block)
+        monkeypatch.setattr(engine, "TENSOR_PASS_BYTES", block)
+        monkeypatch.setattr(engine, "build_group", _counting(build_group, calls, label))
         out = tmp_path / f"{label}"
         recipe = write_recipe(tmp_path / f"{label}.yaml", base=str(tiny_models["base"]),
                               experts=[str(tiny_models["e0"]), str(tiny_models["e1"])], method=method,
@@ -206,4 +212,12 @@ def test_row_blocks_give_the_same_result(tiny_models, tmp_path, monkeypatch, met
     items = engine.plan_items(engine.open_inputs(load_recipe(recipe)), ["embeddings.word_embeddings.weight"],
                               elementwise=True, dtype=torch.float32, block_bytes=2048)
     assert len(items) > 10 and items[-1].last and not items[0].last
+    assert calls.count("blocks") > 2 * calls.count("whole")  # the blocks run really merged in blocks
     assert outs["whole"] == outs["blocks"]
+
+
+def _counting(fn, calls, label):
+    def counted(*args, **kwargs):
+        calls.append(label)
+        return fn(*args, **kwargs)
+    return counted
