@@ -522,6 +522,8 @@ def merge_unit(ctx: UnitContext, unit: Unit, method: MergeMethod) -> UnitResult:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        merger.close()
     return UnitResult(unit.index, unit.file_name, digest, unit.file_bytes, time.perf_counter() - started, read[0],
                       socket.gethostname(), os.getpid(), writer.attempt, won)
 
@@ -1156,6 +1158,8 @@ def write_deployment_unit(ctx: UnitContext, unit: DeploymentUnit, work: GroupWor
     except BaseException:
         writer.abort()
         raise
+    finally:
+        merger.close()
     return UnitResult(unit.index, unit.file_name, digest, unit.file_bytes, time.perf_counter() - started, read,
                       socket.gethostname(), os.getpid(), writer.attempt, won)
 

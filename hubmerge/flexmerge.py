@@ -60,9 +60,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -995,6 +998,28 @@ class _GroupMerger:
         self.tasks = [e.label for e in inputs.experts]
         self.full = [isinstance(e, FullExpert) for e in inputs.experts]
         self.scratch, self.base_copy = _Scratch(), _Scratch()
+        self._block_scratch = threading.local()  # each thread's buffers for _merge_blocks
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the worker threads (if any were started)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _each_group(self, fn: Callable[[tuple[int, ...]], torch.Tensor],
+                    groups: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
+        """``{g: fn(g)}``, the groups spread over the usable cores (each group has its own method
+        instance and buffers, so the results are those of a sequential loop)."""
+        workers = min(len(groups), _usable_cores()) if self.device.type == "cpu" else 1
+        if workers <= 1:
+            return {g: fn(g) for g in groups}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, _usable_cores() - 1),
+                                            thread_name_prefix="hubmerge-groups")
+        futures = {g: self._pool.submit(fn, g) for g in groups[1:]}
+        first = fn(groups[0])  # the calling thread works too
+        return {groups[0]: first, **{g: f.result() for g, f in futures.items()}}
 
     def outputs(self, fetched: Any, block: str, needed: list[tuple[int, ...]],
                 spec: TensorSpec) -> dict[tuple[int, ...], torch.Tensor]:
@@ -1003,12 +1028,14 @@ class _GroupMerger:
         users = [m for m in needed if len(m) > 1 or not self.full[m[0]]]
         base = fetched.base.to(device=self.device, dtype=self.dtype) if users else None
         outputs: dict[tuple[int, ...], torch.Tensor] = {}
+        blocked = [m for m in users if len(m) > 1 and self._in_blocks(fetched, block, m, base)]
+        merged_in_blocks = self._each_group(lambda m: self._merge_blocks(fetched, block, m, base), blocked)
         for members in needed:
             if members not in users:  # the expert's own tensor, bit for bit
                 i = members[0]
                 merged = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
-            elif len(members) > 1 and self._in_blocks(fetched, block, members, base):
-                merged = self._merge_blocks(fetched, block, members, base)
+            elif members in merged_in_blocks:
+                merged = merged_in_blocks[members]
             else:
                 deltas = _member_deltas(self.inputs, fetched, base, members, self.scratch)
                 if len(members) == 1:
@@ -1060,8 +1087,11 @@ class _GroupMerger:
         step = max(1, min(rows, GROUP_BLOCK_BYTES // (row_bytes * (len(members) + 1))))
         weights = [fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
                    for i in members]
-        deltas = self.scratch.take((len(members), step, *base.shape[1:]), base.dtype, base.device)
-        own = self.base_copy.take((step, *base.shape[1:]), base.dtype, base.device)
+        buffers = self._block_scratch
+        if not hasattr(buffers, "deltas"):
+            buffers.deltas, buffers.base = _Scratch(), _Scratch()
+        deltas = buffers.deltas.take((len(members), step, *base.shape[1:]), base.dtype, base.device)
+        own = buffers.base.take((step, *base.shape[1:]), base.dtype, base.device)
         merged = torch.empty_like(base)
         labels = [self.tasks[i] for i in members]
         for start in range(0, rows, step):
@@ -1078,6 +1108,13 @@ class _GroupMerger:
                                     f"{start}:{stop} of {fetched.name!r}, expected {list(block_base.shape)}")
             merged[start:stop].copy_(result)
         return merged
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Scratch:
@@ -1326,8 +1363,12 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             timings.update(executor.get("timings", {}))
         merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
         if runner is None:
-            timings["write_merge"], timings["write_io"] = _write_pass(
-                inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype, progress)
+            try:
+                timings["write_merge"], timings["write_io"] = _write_pass(
+                    inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype,
+                    progress)
+            finally:
+                merger.close()
 
         experts = [e.resolved for e in inputs.experts]
         for plan, writer in zip(plans, writers):
