@@ -522,8 +522,6 @@ def merge_unit(ctx: UnitContext, unit: Unit, method: MergeMethod) -> UnitResult:
     except BaseException:
         writer.abort()
         raise
-    finally:
-        merger.close()
     return UnitResult(unit.index, unit.file_name, digest, unit.file_bytes, time.perf_counter() - started, read[0],
                       socket.gethostname(), os.getpid(), writer.attempt, won)
 
