@@ -119,7 +119,17 @@ class AdapterExpert(Expert):
         self._plan: dict[str, TensorPlan] | None = None
         self._plan_lock = threading.Lock()
         self.name_map: NameMap | None = None
-        self.aliases: NameAliases | None = None
+        self._aliases: NameAliases | None = None
+        self._aliases_built = False
+
+    @property
+    def aliases(self) -> NameAliases | None:
+        """The base's in-memory names (:func:`~hubmerge.adapters.modules.base_aliases`), built on
+        first use: only adapters of architectures that transformers renames need them."""
+        if not self._aliases_built:
+            self._aliases = base_aliases(self._base.directory, self._base.meta.keys())
+            self._aliases_built = True
+        return self._aliases
 
     # -- the Expert contract -----------------------------------------------------------
     def check(self, base: Checkpoint) -> None:
@@ -144,14 +154,16 @@ class AdapterExpert(Expert):
                     f"adapter {self.label!r}: tensor {tensor.key!r} is {dtype}, not floating point"
                 )
         targets = {t.target: self.describe_target(t) for t in self.tensors}
-        self.aliases = base_aliases(base.directory, base.meta.keys())
-        self.name_map = map_names(
-            targets,
-            base.meta.keys(),
-            label=self.label,
-            fits=lambda m: self._fits(m, base),
-            aliases=self.aliases,
-        )
+        if self._base is not base:
+            self._base, self._aliases_built = base, False
+        try:  # the checkpoint's own names first: transformers' renamings are needed only if they fail
+            self.name_map = map_names(targets, base.meta.keys(), label=self.label,
+                                      fits=lambda m: self._fits(m, base))
+        except AdapterMismatchError:
+            if self.aliases is None:
+                raise
+            self.name_map = map_names(targets, base.meta.keys(), label=self.label,
+                                      fits=lambda m: self._fits(m, base), aliases=self.aliases)
         plans: dict[str, TensorPlan] = {}
         for tensor in self.tensors:
             if tensor.role == FULL:
@@ -290,10 +302,9 @@ class AdapterExpert(Expert):
         if not plain:
             raise AdapterMismatchError(f"adapter {self.label!r}: {what}")
         layer = base_layer_types(str(base.directory))
-        module = weight.rpartition(".")[0]
-        if layer and self.aliases is not None and weight in self.aliases.to_memory:
-            module = self.aliases.memory_module(weight)[0]  # the layer classes are by in-memory name
-        kind = layer.get(module) if layer else None
+        kind = layer.get(weight.rpartition(".")[0]) if layer else None
+        if kind is None and layer and self.aliases is not None and weight in self.aliases.to_memory:
+            kind = layer.get(self.aliases.memory_module(weight)[0])  # the layer classes are by in-memory name
         if kind == "Conv1D":
             return True
         if kind is not None and kind != "Conv1D":
