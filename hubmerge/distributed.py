@@ -1156,8 +1156,6 @@ def write_deployment_unit(ctx: UnitContext, unit: DeploymentUnit, work: GroupWor
     except BaseException:
         writer.abort()
         raise
-    finally:
-        merger.close()
     return UnitResult(unit.index, unit.file_name, digest, unit.file_bytes, time.perf_counter() - started, read,
                       socket.gethostname(), os.getpid(), writer.attempt, won)
 

@@ -175,7 +175,7 @@ def plan_items(inputs: MergeInputs, names: list[str], *, elementwise: bool, dtyp
         m = meta[name]
         rows = m.shape[0] if m.shape else 0
         size = per_element * (m.nbytes // max(1, torch.empty((), dtype=m.dtype).element_size()))
-        splits = elementwise and size > block_bytes or tensor_passes > 0 and size > TENSOR_PASS_BYTES
+        splits = (elementwise and size > block_bytes) or (tensor_passes > 0 and size > TENSOR_PASS_BYTES)
         if not (rows_readable and splits and m.dtype.is_floating_point and rows > 1):
             items.append(WorkItem(name))
             continue
@@ -251,6 +251,11 @@ class Fetched:
     def name(self) -> str:
         """The tensor's name."""
         return self.item.name
+
+    def payload(self, index: int) -> Any:
+        """Expert ``index``'s payload: its row of :attr:`stacked` when it was read straight into it."""
+        payload = self.expert_payloads[index]
+        return self.stacked[index] if payload is IN_BUFFER else payload
 
 
 def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: BufferPool | None = None,
@@ -382,6 +387,14 @@ def _payload_bytes(payload: Any) -> int:
     return 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def compute_threads(device: torch.device) -> Iterator[int]:
     """Leave one core to the reader threads while merging on the CPU (torch intra-op threads).
@@ -399,11 +412,7 @@ def compute_threads(device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield before
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    want = max(1, min(before, cores - 1))
+    want = max(1, min(before, usable_cores() - 1))
     if want == before:
         yield before
         return

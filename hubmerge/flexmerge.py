@@ -60,7 +60,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -76,7 +75,6 @@ import torch
 from pydantic import ValidationError
 
 from .engine import (
-    IN_BUFFER,
     MergeInputs,
     MergeResult,
     Progress,
@@ -90,6 +88,7 @@ from .engine import (
     prefetched,
     resolve_device,
     run_prepasses,
+    usable_cores,
 )
 from .errors import HubmergeError, MethodInputError, MethodParamError, RecipeError, UnknownMethodError
 from .method import MergeMethod, TensorGroup
@@ -999,25 +998,15 @@ class _GroupMerger:
         self.full = [isinstance(e, FullExpert) for e in inputs.experts]
         self.scratch, self.base_copy = _Scratch(), _Scratch()
         self._block_scratch = threading.local()  # each thread's buffers for _merge_blocks
-        self._pool: ThreadPoolExecutor | None = None
-
-    def close(self) -> None:
-        """Stop the worker threads (if any were started)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     def _each_group(self, fn: Callable[[tuple[int, ...]], torch.Tensor],
                     groups: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
         """``{g: fn(g)}``, the groups spread over the usable cores (each group has its own method
         instance and buffers, so the results are those of a sequential loop)."""
-        workers = min(len(groups), _usable_cores()) if self.device.type == "cpu" else 1
-        if workers <= 1:
+        if len(groups) <= 1 or self.device.type != "cpu" or usable_cores() <= 1:
             return {g: fn(g) for g in groups}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, _usable_cores() - 1),
-                                            thread_name_prefix="hubmerge-groups")
-        futures = {g: self._pool.submit(fn, g) for g in groups[1:]}
+        pool = _group_pool()
+        futures = {g: pool.submit(fn, g) for g in groups[1:]}
         first = fn(groups[0])  # the calling thread works too
         return {groups[0]: first, **{g: f.result() for g, f in futures.items()}}
 
@@ -1033,7 +1022,7 @@ class _GroupMerger:
         for members in needed:
             if members not in users:  # the expert's own tensor, bit for bit
                 i = members[0]
-                merged = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+                merged = fetched.payload(i)
             elif members in merged_in_blocks:
                 merged = merged_in_blocks[members]
             else:
@@ -1067,7 +1056,7 @@ class _GroupMerger:
         if base.numel() * base.element_size() * (len(members) + 1) <= GROUP_BLOCK_BYTES:
             return False
         for i in members:
-            weight = fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
+            weight = fetched.payload(i)
             if not (self.full[i] and isinstance(weight, torch.Tensor) and weight.dtype == base.dtype
                     and weight.device == base.device and weight.shape == base.shape):
                 return False
@@ -1085,8 +1074,7 @@ class _GroupMerger:
         rows = base.shape[0]
         row_bytes = max(1, base[0].numel() * base.element_size())
         step = max(1, min(rows, GROUP_BLOCK_BYTES // (row_bytes * (len(members) + 1))))
-        weights = [fetched.stacked[i] if fetched.expert_payloads[i] is IN_BUFFER else fetched.expert_payloads[i]
-                   for i in members]
+        weights = [fetched.payload(i) for i in members]
         buffers = self._block_scratch
         if not hasattr(buffers, "deltas"):
             buffers.deltas, buffers.base = _Scratch(), _Scratch()
@@ -1110,11 +1098,18 @@ class _GroupMerger:
         return merged
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _group_pool() -> ThreadPoolExecutor:
+    """The worker threads of :meth:`_GroupMerger._each_group`, started once per process (a pool
+    of its own: the methods it runs may use the sparsifying methods' pool inside)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, usable_cores() - 1), thread_name_prefix="hubmerge-groups")
+        return _pool
 
 
 class _Scratch:
@@ -1152,9 +1147,7 @@ def _member_deltas(inputs: MergeInputs, fetched: Any, base: torch.Tensor, member
     else:
         deltas = torch.empty(shape, device=base.device, dtype=base.dtype)
     for row, i in enumerate(members):
-        payload = fetched.expert_payloads[i]
-        if payload is IN_BUFFER:
-            payload = fetched.stacked[i]  # read by the engine straight into its stacked buffer
+        payload = fetched.payload(i)
         if (isinstance(payload, torch.Tensor) and isinstance(inputs.experts[i], FullExpert)
                 and payload.dtype == base.dtype and payload.device == base.device):
             torch.sub(payload, base, out=deltas[row])  # one sweep instead of copy then subtract
@@ -1363,12 +1356,8 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
             timings.update(executor.get("timings", {}))
         merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
         if runner is None:
-            try:
-                timings["write_merge"], timings["write_io"] = _write_pass(
-                    inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype,
-                    progress)
-            finally:
-                merger.close()
+            timings["write_merge"], timings["write_io"] = _write_pass(
+                inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype, progress)
 
         experts = [e.resolved for e in inputs.experts]
         for plan, writer in zip(plans, writers):

@@ -25,7 +25,6 @@ Rules, the same everywhere:
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from typing import TypeVar
 
 import torch
 
+from hubmerge.engine import usable_cores
 from hubmerge.errors import MethodInputError, MethodStateError
 
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32 pattern: the sign bit is 0
@@ -52,11 +52,7 @@ _pool_lock = threading.Lock()
 
 def _worker_count() -> int:
     """Threads the per-tensor work is split over: the usable cores (at most 8)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
 
 
 def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:

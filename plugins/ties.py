@@ -27,8 +27,8 @@ import torch
 from pydantic import Field
 
 from hubmerge import method
-from hubmerge.hookspecs import hookimpl
 from hubmerge.errors import MethodStateError
+from hubmerge.hookspecs import hookimpl
 from hubmerge.method import MergeMethod, TensorGroup
 
 from ._sparsify import GlobalThreshold, GlobalThresholdPasses, trim_and_merge
