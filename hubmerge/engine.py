@@ -252,6 +252,12 @@ class Fetched:
         """The tensor's name."""
         return self.item.name
 
+    @property
+    def unchanged(self) -> bool:
+        """Whether no expert changes the tensor (every task vector is zero)."""
+        return bool(self.expert_payloads) and self.stacked is None and \
+            all(p is None for p in self.expert_payloads)
+
     def payload(self, index: int) -> Any:
         """Expert ``index``'s payload: its row of :attr:`stacked` when it was read straight into it."""
         payload = self.expert_payloads[index]
@@ -260,17 +266,21 @@ class Fetched:
 
 def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: BufferPool | None = None,
            slot: int = 0, dtype: torch.dtype | None = None, pool_base: bool = False,
-           helpers: ThreadPoolExecutor | None = None) -> Fetched:
+           helpers: ThreadPoolExecutor | None = None, skip_unchanged: bool = False) -> Fetched:
     """Read one work item: the base (block) and every expert's payload.
 
     With a ``pool`` and compute ``dtype``, experts stored in that dtype (or exactly widened to it)
     land in a reused stacked buffer; with ``pool_base`` the base does too (row 0 of the same
     buffer, in the compute dtype: no fresh pages, the conversion done here). An expert whose
     tensor is the base's own bytes (the same file) is copied from the base instead of read again.
-    Reads of a large item are spread over ``helpers`` threads.
+    Reads of a large item are spread over ``helpers`` threads. With ``skip_unchanged``, a tensor
+    no expert changes is read from the base alone, in its stored dtype.
     """
     base_meta = inputs.base_checkpoint.meta[item.name]
     floating = base_meta.dtype.is_floating_point
+    if skip_unchanged and with_experts and not any(e.changes(item.name) for e in inputs.experts):
+        base = inputs.base_checkpoint.get(item.name, item.rows)
+        return Fetched(item, base, [None] * len(inputs.experts), base.numel() * base_meta.dtype.itemsize)
     pooled = with_experts and pool is not None and dtype is not None
     base_in_pool = pooled and pool_base and floating and (
         base_meta.dtype == dtype or dtype in _WIDER.get(base_meta.dtype, ()))
@@ -425,7 +435,7 @@ def compute_threads(device: torch.device) -> Iterator[int]:
 
 def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookahead: int = 2,
                threads: int = 2, pooled_dtype: torch.dtype | None = None,
-               pool_base: bool = False) -> Iterator[Fetched]:
+               pool_base: bool = False, skip_unchanged: bool = False) -> Iterator[Fetched]:
     """Yield each work item's inputs, reading up to ``lookahead`` items ahead in threads.
 
     Non-floating tensors of the base are yielded without expert payloads.
@@ -441,6 +451,8 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
         pool_base: With ``pooled_dtype``, the base's floating tensors are read into the same
             reused buffers, converted to ``pooled_dtype`` (``Fetched.base`` is then in the
             compute dtype; :meth:`BufferPool.owns` tells what a result must not keep).
+        skip_unchanged: Read only the base of a tensor that no expert changes
+            (:meth:`Expert.changes`); its :attr:`Fetched.unchanged` is then true.
 
     Yields:
         :class:`Fetched` in order.
@@ -473,7 +485,8 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
                     return
                 upcoming.pop()
                 pending.append((pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
-                                                    pool, index, pooled_dtype, pool_base, helpers), size))
+                                                    pool, index, pooled_dtype, pool_base, helpers,
+                                                    skip_unchanged), size))
 
         top_up(True)
         try:
@@ -616,8 +629,16 @@ def _merge_loop(method: MergeMethod, inputs: MergeInputs, items: list[WorkItem],
                 method_name: str | None, on_item: Callable[[Fetched], None] | None) -> None:
     pooled = dtype if device.type == "cpu" else None
     totals: dict[str, torch.Tensor] = {}
-    for fetched in prefetched(inputs, items, pooled_dtype=pooled, pool_base=True):
+    skip = bool(getattr(method, "unchanged_when_zero", False))
+    for fetched in prefetched(inputs, items, pooled_dtype=pooled, pool_base=True, skip_unchanged=skip):
         item = fetched.item
+        if skip and fetched.unchanged:  # no expert changes it: the merge is the base
+            if item.tensor_pass is not None:
+                continue
+            write(fetched.name, fetched.base.to(dtype=dtype).to(dtype=specs[fetched.name].dtype), item.last)
+            if on_item is not None:
+                on_item(fetched)
+            continue
         if item.tensor_pass is not None:  # per-tensor statistics: no output yet
             group = build_group(inputs, fetched, device, dtype)
             add_statistics(totals, method.observe_tensor(item.tensor_pass, group))

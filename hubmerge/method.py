@@ -120,6 +120,10 @@ class MergeMethod:
             in row blocks: :meth:`observe_tensor` for every block and :meth:`finish_tensor` after
             each pass, then :meth:`merge_tensor` for every block (with ``rows``). Smaller tensors
             are merged whole, without these calls. An instance may set its own.
+        unchanged_when_zero: True when zero task vectors merge to exactly the base's values.
+            The engine then writes the base for a tensor that no expert changes (an adapter's
+            untouched tensors) without reading experts or building zero task vectors;
+            pre-passes still see every tensor. An instance may set its own.
         output: ``"model"`` (one merged model) or ``"deployment"`` (per-task outputs).
         needs_data: The method learns from samples: a recipe must give ``data:`` (an instance
             may override it, e.g. AdaMerging given its coefficients needs none).
@@ -134,6 +138,7 @@ class MergeMethod:
     prepasses: int = 0
     elementwise: bool = False
     tensor_passes: int = 0
+    unchanged_when_zero: bool = False
     output: ClassVar[str] = "model"
     needs_data: bool = False
 

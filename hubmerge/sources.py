@@ -112,6 +112,17 @@ class Expert:
     #: Whether :meth:`fetch` accepts ``rows`` (reads a block of rows of the task vector).
     supports_rows: bool = False
 
+    def changes(self, name: str) -> bool:
+        """Whether the expert may change tensor ``name`` (``False``: its task vector is zero).
+
+        Args:
+            name: A tensor name of the base.
+
+        Returns:
+            ``True`` unless the expert knows, without reading data, that it leaves ``name`` as is.
+        """
+        return True
+
     def fetch(self, name: str, rows: tuple[int, int] | None = None) -> Any:
         """Read what :meth:`task_vector` needs for tensor ``name`` (CPU, stored dtype).
 

@@ -115,6 +115,7 @@ class Dare(GlobalThresholdPasses, MergeMethod):
     Params = Params
     min_experts = 1
     prepasses = GlobalThreshold.passes
+    unchanged_when_zero = True  # zero task vectors merge to the base
 
     def __init__(self, params=None):
         super().__init__(params)

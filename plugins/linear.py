@@ -56,6 +56,12 @@ class Linear(MergeMethod):
     min_experts = 1
     elementwise = True  # every entry is merged on its own
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        # Experts equal to the base average to the base when the weights are normalized.
+        weights = self.params.weights
+        self.unchanged_when_zero = self.params.normalize or (weights is not None and math.fsum(weights) == 1.0)
+
     def check_experts(self, count: int) -> None:
         """Refuse a wrong number of experts or a ``weights`` list of another length.
 

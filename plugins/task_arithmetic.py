@@ -42,6 +42,7 @@ class TaskArithmetic(MergeMethod):
     Params = Params
     min_experts = 1
     elementwise = True  # every entry is merged on its own
+    unchanged_when_zero = True  # zero task vectors merge to the base
 
     def check_experts(self, count: int) -> None:
         """Refuse a wrong number of experts or a ``weights`` list of another length."""

@@ -135,11 +135,14 @@ def expand(base_dir: Path, adapter_dir: Path):
     for name in base.names():
         tensor = base.get(name)
         payload = expert.fetch(name)
-        tau = expert.task_vector(name, payload, tensor) if payload is not None else None
-        if tau is not None:
-            assert tau.shape == tensor.shape and tau.dtype == tensor.dtype
+        assert expert.changes(name) == (payload is not None)
+        tau = torch.full_like(tensor, float("nan"))  # the engine's path: written in place, every entry
+        if payload is not None and expert.task_vector_into(name, payload, tensor, tau):
+            assert torch.equal(tau, expert.task_vector(name, payload, tensor))  # both paths agree
             changed.add(name)
-        out[name] = tensor if tau is None else tensor + tau
+            out[name] = tensor + tau
+        else:
+            out[name] = tensor
     expert.close()
     return out, changed, expert
 
@@ -615,6 +618,55 @@ def test_engine_task_arithmetic_over_adapters_reproduces_merge_and_unload(bases,
     for name, tensor in merged.items():
         expected = base_sd[name] + sum(refs[k][ref_name[k](name)] - base_sd[name] for k in refs)
         torch.testing.assert_close(tensor, expected, rtol=0, atol=4 * TOL)
+
+
+def test_engine_writes_base_for_tensors_no_adapter_changes(bases, tmp_path, monkeypatch):
+    """Tensors no expert changes are copied from the base without reading experts or building zero
+    task vectors, for methods whose zero task vectors merge to the base; the result is the same."""
+    from helpers import write_recipe
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    import hubmerge.engine as engine
+    from hubmerge.engine import merge
+    from hubmerge.recipe import load_recipe
+    from hubmerge.plugins import get_method
+
+    base = bases["GPT2LMHeadModel"]
+    adapters = [make_adapter(tmp_path / f"a{i}", base, "GPT2LMHeadModel",
+                             LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=targets), seed=i)
+                for i, targets in enumerate((["c_attn"], ["c_attn", "c_proj"]))]
+    base_sd = load_file(base / "model.safetensors")
+    refs = [peft_merged(base, a, "GPT2LMHeadModel") for a in adapters]
+    built = []
+    real_build = engine.build_group
+    monkeypatch.setattr(engine, "build_group", lambda inputs, fetched, *a: built.append(fetched.name)
+                        or real_build(inputs, fetched, *a))
+
+    def run(label, method, params):
+        recipe = write_recipe(tmp_path / f"{label}.yaml", base=str(base), experts=[str(a) for a in adapters],
+                              method=method, params=params, output={"path": str(tmp_path / label)})
+        built.clear()
+        merge(load_recipe(recipe))
+        return load_file(tmp_path / label / "model.safetensors"), set(built)
+
+    changed = {n for n in base_sd if any(not torch.equal(r[n], base_sd[n]) for r in refs)}
+    assert "transformer.h.0.attn.c_proj.weight" in changed and "transformer.wte.weight" not in changed
+    skipped, groups = run("skip", "task_arithmetic", {"scale": 0.5})
+    assert groups == changed  # only changed tensors were built into task-vector groups
+    for name, tensor in skipped.items():
+        expected = base_sd[name] + 0.5 * sum(r[name] - base_sd[name] for r in refs)
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=4 * TOL)
+        if name not in changed:
+            assert torch.equal(tensor, base_sd[name])
+    monkeypatch.setattr(get_method("task_arithmetic"), "unchanged_when_zero", False)
+    full, groups = run("noskip", "task_arithmetic", {"scale": 0.5})
+    assert groups == {n for n, t in base_sd.items() if t.dtype.is_floating_point}
+    assert all(torch.equal(full[n], skipped[n]) for n in full)
+    # linear without normalisation scales the base too: every tensor is merged, none skipped
+    scaled, groups = run("linear", "linear", {"weights": [0.25, 0.25], "normalize": False})
+    assert groups == {n for n, t in base_sd.items() if t.dtype.is_floating_point}
+    torch.testing.assert_close(scaled["transformer.wte.weight"], 0.5 * base_sd["transformer.wte.weight"])
 
 
 # -- writing merges back as adapters ----------------------------------------------------------

@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from helpers import write_recipe
 
 from hubmerge.engine import merge
 from hubmerge.errors import HubError
 from hubmerge.publish import publish_merge
 from hubmerge.recipe import load_recipe
-from helpers import write_recipe
 
 
 @pytest.fixture(scope="module")
 def hub_inputs(local_hub, tiny_models, tmp_path_factory):
     from peft import LoraConfig
-
     from test_adapters import make_adapter
 
     api = local_hub.api()
@@ -78,7 +77,7 @@ def test_recipe_by_repo_id_merges_pushes_and_cards(local_hub, tiny_models, hub_i
 
 def test_unknown_repo_and_revision_are_clear_errors(local_hub, hub_inputs, tmp_path):
     repos, _, _ = hub_inputs
-    for ref, message in ((f"rt/missing", "repo not found"), (f"{repos['e1']}@nope", "revision 'nope' not found")):
+    for ref, message in (("rt/missing", "repo not found"), (f"{repos['e1']}@nope", "revision 'nope' not found")):
         recipe = write_recipe(tmp_path / "r.yaml", base=repos["base"], experts=[ref], method="task_arithmetic",
                               output={"path": str(tmp_path / "o")})
         with pytest.raises(HubError, match=message):

@@ -54,6 +54,10 @@ class Update:
         """
         raise NotImplementedError
 
+    def delta_into(self, start: torch.Tensor, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Write :meth:`delta` into ``out`` (shaped like ``start``); subclasses may skip the temporary."""
+        out.copy_(self.delta(start, tensors))
+
 
 @dataclass
 class TensorPlan:
@@ -176,6 +180,9 @@ class AdapterExpert(Expert):
         self._base = base
         logger.debug("adapter %r changes %d base tensors", self.label, len(plans))
 
+    def changes(self, name: str) -> bool:
+        return name in self.plan
+
     def fetch(self, name: str) -> dict[str, torch.Tensor] | None:
         plan = self.plan.get(name)
         if plan is None:
@@ -205,6 +212,14 @@ class AdapterExpert(Expert):
         self.weights.close()
 
     # -- helpers for subclasses --------------------------------------------------------
+    def task_vector_into(self, name: str, fetched: Any, base: torch.Tensor, out: torch.Tensor) -> bool:
+        plan = self.plan.get(name) if fetched is not None else None
+        if plan is None or plan.update is None or plan.replace is not None or work_dtype(base.dtype) != base.dtype:
+            return super().task_vector_into(name, fetched, base, out)
+        tensors = {k: v.to(device=base.device, dtype=base.dtype) for k, v in fetched.items()}
+        plan.update.delta_into(base, tensors, out)  # shapes were checked against the base
+        return True
+
     @property
     def plan(self) -> dict[str, TensorPlan]:
         """Base tensor name to :class:`TensorPlan` (checks against the base first if needed)."""

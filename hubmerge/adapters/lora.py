@@ -128,6 +128,16 @@ class LoraUpdate(Update):
         layout = True if self.embedding else self.fan_in_fan_out
         return dora_merged(start, delta, tensors["magnitude"], layout) - start
 
+    def delta_into(self, start: torch.Tensor, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        if self.embedding or "magnitude" in tensors:
+            return super().delta_into(start, tensors, out)
+        lora_A, lora_B = tensors["lora_A"], tensors["lora_B"]
+        if self.fan_in_fan_out:  # (B @ A).T as A.T @ B.T: the same products and sums, stored (in, out)
+            torch.matmul(lora_A.T, lora_B.T, out=out)
+        else:
+            torch.matmul(lora_B, lora_A, out=out)
+        out.mul_(self.scaling)
+
 
 class LoraBiasUpdate(Update):
     """``lora_bias``: the bias gains ``lora_B.bias * scaling`` (PEFT refuses ``lora_bias`` with DoRA)."""
