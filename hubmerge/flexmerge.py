@@ -1184,7 +1184,7 @@ def _write_pass(inputs: MergeInputs, names: list[str], plans: list[DeploymentPla
     pooled = dtype if device.type == "cpu" else None  # experts read into reused buffers
     t_compute = t_io = 0.0
     done_bytes = 0
-    background = BackgroundWriter([w.sharded for w in writers], sync_bytes=None)
+    background = BackgroundWriter([w.sharded for w in writers])
     try:
         with compute_threads(device):
             for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):

@@ -221,3 +221,30 @@ def _counting(fn, calls, label):
         calls.append(label)
         return fn(*args, **kwargs)
     return counted
+
+
+def test_background_writer_starts_writeback_of_contiguous_ranges(tmp_path, monkeypatch):
+    """With ``sync_bytes`` the writing thread starts writing each shard to disk as it goes: the
+    ranges handed to ``start_writeback`` follow each other from the start of the shard file, and
+    the stored tensors are the ones given."""
+    from hubmerge import writer
+    from hubmerge.writer import BackgroundWriter, ShardedWriter, TensorSpec
+
+    calls = []
+    real = writer.start_writeback
+    monkeypatch.setattr(writer, "start_writeback", lambda fd, off, n: calls.append((off, n)) or real(fd, off, n))
+    tensors = {f"t{i}": torch.randn(64, 100, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    out = ShardedWriter(tmp_path / "out", [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+                        shard_size=1 << 30)
+    background = BackgroundWriter(out, sync_bytes=50_000)
+    for name, tensor in tensors.items():
+        background.write(name, tensor.clone())
+    background.close()
+    out.finish()
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(stored[n], t) for n, t in tensors.items())
+    # 25,600 bytes a tensor: every second write crosses 50,000 unsynced bytes
+    assert [n for _, n in calls[1:]] == [51_200, 51_200] and len(calls) == 3
+    assert calls[0][0] == 0 and all(calls[i][0] == calls[i - 1][0] + calls[i - 1][1] for i in (1, 2))
+    header = (tmp_path / "out" / "model.safetensors").stat().st_size - 6 * 25_600
+    assert calls[0][1] == header + 51_200
