@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +266,8 @@ class Fetched:
 
 def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: BufferPool | None = None,
            slot: int = 0, dtype: torch.dtype | None = None, pool_base: bool = False,
-           helpers: ThreadPoolExecutor | None = None, skip_unchanged: bool = False) -> Fetched:
+           helpers: ThreadPoolExecutor | None = None, skip_unchanged: bool = False,
+           wanted: Collection[int] | None = None) -> Fetched:
     """Read one work item: the base (block) and every expert's payload.
 
     With a ``pool`` and compute ``dtype``, experts stored in that dtype (or exactly widened to it)
@@ -274,7 +275,8 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
     buffer, in the compute dtype: no fresh pages, the conversion done here). An expert whose
     tensor is the base's own bytes (the same file) is copied from the base instead of read again.
     Reads of a large item are spread over ``helpers`` threads. With ``skip_unchanged``, a tensor
-    no expert changes is read from the base alone, in its stored dtype.
+    no expert changes is read from the base alone, in its stored dtype. Only the experts in
+    ``wanted`` (default all) are read; the others' payloads are ``None``.
     """
     base_meta = inputs.base_checkpoint.meta[item.name]
     floating = base_meta.dtype.is_floating_point
@@ -318,7 +320,7 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
             payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
             payloads[i], sizes[i] = payload, _payload_bytes(payload)
 
-    to_read = [i for i in range(len(payloads)) if not same[i]]
+    to_read = [i for i in range(len(payloads)) if not same[i] and (wanted is None or i in wanted)]
     parallel = helpers is not None and len(to_read) > 1 and \
         math.prod(shape) * (len(to_read) + 1) * (dtype or base_meta.dtype).itemsize >= SPLIT_READ_BYTES
     if parallel:
@@ -332,7 +334,7 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
         for i in to_read:
             read_expert(i)
     for i in range(len(payloads)):
-        if same[i]:  # the base's bytes: the same values as reading them again
+        if same[i] and (wanted is None or i in wanted):  # the base's bytes: the same values as reading them again
             stacked[i].copy_(base)
             payloads[i], sizes[i] = IN_BUFFER, base.numel() * base_meta.dtype.itemsize
     nbytes += sum(sizes)
@@ -435,7 +437,8 @@ def compute_threads(device: torch.device) -> Iterator[int]:
 
 def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookahead: int = 2,
                threads: int = 2, pooled_dtype: torch.dtype | None = None,
-               pool_base: bool = False, skip_unchanged: bool = False) -> Iterator[Fetched]:
+               pool_base: bool = False, skip_unchanged: bool = False,
+               experts_for: Callable[[str], Collection[int]] | None = None) -> Iterator[Fetched]:
     """Yield each work item's inputs, reading up to ``lookahead`` items ahead in threads.
 
     Non-floating tensors of the base are yielded without expert payloads.
@@ -453,6 +456,8 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
             compute dtype; :meth:`BufferPool.owns` tells what a result must not keep).
         skip_unchanged: Read only the base of a tensor that no expert changes
             (:meth:`Expert.changes`); its :attr:`Fetched.unchanged` is then true.
+        experts_for: Given a tensor name, the indices of the experts to read (the others'
+            payloads are ``None``); default all.
 
     Yields:
         :class:`Fetched` in order.
@@ -486,7 +491,9 @@ def prefetched(inputs: MergeInputs, items: list[WorkItem] | list[str], *, lookah
                 upcoming.pop()
                 pending.append((pool_threads.submit(_fetch, inputs, item, meta[item.name].dtype.is_floating_point,
                                                     pool, index, pooled_dtype, pool_base, helpers,
-                                                    skip_unchanged), size))
+                                                    skip_unchanged,
+                                                    None if experts_for is None else experts_for(item.name)),
+                                 size))
 
         top_up(True)
         try:

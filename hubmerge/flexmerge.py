@@ -93,7 +93,7 @@ from .engine import (
 from .errors import HubmergeError, MethodInputError, MethodParamError, RecipeError, UnknownMethodError
 from .method import MergeMethod, TensorGroup
 from .recipe import BlockRule, FlexMergeSpec, Recipe, check_recipe, raise_validation_error
-from .writer import OWNER_MARKER, BackgroundWriter, ShardedWriter, TensorSpec, check_output_path
+from .writer import OWNER_MARKER, BackgroundWriter, FileRange, ShardedWriter, TensorSpec, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -986,7 +986,7 @@ class _GroupMerger:
     """
 
     def __init__(self, inputs: MergeInputs, instances: dict[tuple[str, tuple[int, ...]], MergeMethod],
-                 method_name: str, device: torch.device, dtype: torch.dtype):
+                 method_name: str, device: torch.device, dtype: torch.dtype, *, copy_ranges: bool = False):
         from .sources import FullExpert
 
         self.inputs = inputs
@@ -996,8 +996,26 @@ class _GroupMerger:
         self.dtype = dtype
         self.tasks = [e.label for e in inputs.experts]
         self.full = [isinstance(e, FullExpert) for e in inputs.experts]
+        self.copy_ranges = copy_ranges  # the writer copies file ranges (:meth:`stored_range`)
         self.scratch, self.base_copy = _Scratch(), _Scratch()
         self._block_scratch = threading.local()  # each thread's buffers for _merge_blocks
+
+    def stored_range(self, name: str, i: int, spec: TensorSpec) -> FileRange | None:
+        """Expert ``i``'s stored bytes of ``name`` when a group of it alone can keep them as they
+        are (a full fine-tune stored in the output's dtype) and the writer copies file ranges,
+        else ``None``."""
+        if not (self.copy_ranges and self.full[i]):
+            return None
+        meta = self.inputs.experts[i].checkpoint.meta.get(name)
+        if meta is None or meta.dtype != spec.dtype or tuple(meta.shape) != spec.shape:
+            return None
+        return FileRange(meta.file, meta.offset, meta.nbytes, tuple(meta.shape), meta.dtype)
+
+    def reads(self, name: str, needed: list[tuple[int, ...]], spec: TensorSpec) -> set[int]:
+        """The experts whose tensor ``name`` must be read: members of the needed groups, except
+        experts alone in their group whose stored bytes are copied (:meth:`stored_range`)."""
+        return {i for members in needed for i in members
+                if len(members) > 1 or self.stored_range(name, i, spec) is None}
 
     def _each_group(self, fn: Callable[[tuple[int, ...]], torch.Tensor],
                     groups: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
@@ -1011,8 +1029,9 @@ class _GroupMerger:
         return {groups[0]: first, **{g: f.result() for g, f in futures.items()}}
 
     def outputs(self, fetched: Any, block: str, needed: list[tuple[int, ...]],
-                spec: TensorSpec) -> dict[tuple[int, ...], torch.Tensor]:
-        """Group members to the CPU tensor (output dtype) to store."""
+                spec: TensorSpec) -> dict[tuple[int, ...], torch.Tensor | FileRange]:
+        """Group members to the CPU tensor (output dtype) to store, or to the stored bytes of an
+        expert alone in its group (:meth:`stored_range`; such experts were not read)."""
         name = fetched.name
         users = [m for m in needed if len(m) > 1 or not self.full[m[0]]]
         base = fetched.base.to(device=self.device, dtype=self.dtype) if users else None
@@ -1022,6 +1041,10 @@ class _GroupMerger:
         for members in needed:
             if members not in users:  # the expert's own tensor, bit for bit
                 i = members[0]
+                stored = self.stored_range(name, i, spec)
+                if stored is not None:
+                    outputs[members] = stored
+                    continue
                 merged = fetched.payload(i)
             elif members in merged_in_blocks:
                 merged = merged_in_blocks[members]
@@ -1187,7 +1210,14 @@ def _write_pass(inputs: MergeInputs, names: list[str], plans: list[DeploymentPla
     background = BackgroundWriter([w.sharded for w in writers])
     try:
         with compute_threads(device):
-            for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled), 1):
+            def experts_for(name: str) -> set[int] | None:
+                if name not in block_of:
+                    return set()
+                needed = {m for plan in plans for m in plan.groups[block_of[name]]}
+                return merger.reads(name, sorted(needed), spec_of[name])
+
+            for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled,
+                                                       experts_for=experts_for), 1):
                 name = fetched.name
                 s = spec_of[name]
                 t1 = time.perf_counter()
@@ -1354,7 +1384,7 @@ def run_flexmerge(recipe: Recipe, *, output: str | Path | None = None, device: s
                 instances, root=staged.path, device=run_device, dtype=recipe.dtype, method_name=inner.name,
                 progress=progress)
             timings.update(executor.get("timings", {}))
-        merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype)
+        merger = _GroupMerger(inputs, instances, inner.name, compute_device, compute_dtype, copy_ranges=True)
         if runner is None:
             timings["write_merge"], timings["write_io"] = _write_pass(
                 inputs, names, plans, writers, merger, spec_of, block_of, compute_device, compute_dtype, progress)

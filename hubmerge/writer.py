@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import ctypes.util
 import json
 import logging
@@ -134,6 +135,62 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str] | None 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A tensor's stored bytes in an input file, to be copied as they are (a FlexMerge group of
+    one keeps its expert's tensor bit for bit: the kernel copies it, nothing passes through memory).
+
+    Attributes:
+        file: The safetensors file.
+        offset: Absolute offset of the data.
+        nbytes: Length of the data.
+        shape: The tensor's shape.
+        dtype: The tensor's dtype.
+    """
+
+    file: Path
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+#: Chunk of the copy used where ``os.copy_file_range`` is missing or refused.
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+def copy_file_range_into(source: FileRange, fileno: int) -> None:
+    """Append ``source``'s bytes to the file open as ``fileno`` (at its position), in the kernel
+    when it can (``os.copy_file_range``), else through a small buffer.
+
+    Raises:
+        OSError: If the source cannot be read or is shorter than ``source.nbytes``.
+    """
+    offset, left = source.offset, source.nbytes
+    with open(source.file, "rb", buffering=0) as src:
+        fast = hasattr(os, "copy_file_range")
+        buffer = None
+        while left:
+            copied = 0
+            if fast:
+                try:
+                    copied = os.copy_file_range(src.fileno(), fileno, left, offset)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                        raise
+                    fast = False
+                    continue
+            else:
+                buffer = buffer or bytearray(min(_COPY_CHUNK, left))
+                view = memoryview(buffer)[:min(len(buffer), left)]
+                got = os.preadv(src.fileno(), [view], offset)
+                copied = got and os.write(fileno, view[:got])
+            if not copied:
+                raise OSError(errno.EIO, f"{source.file}: {left} bytes short at offset {offset}")
+            offset += copied
+            left -= copied
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -286,13 +343,14 @@ class ShardedWriter:
         """Tensor name to its planned spec."""
         return {s.name: s for _, s in self._order}
 
-    def write(self, name: str, tensor: torch.Tensor, *, last: bool = True) -> None:
+    def write(self, name: str, tensor: torch.Tensor | FileRange, *, last: bool = True) -> None:
         """Append the next tensor, or the next block of its rows (in plan order).
 
         Args:
             name: Tensor name.
             tensor: CPU tensor with the planned dtype: the whole tensor, or a block of
-                rows when ``last`` is false or earlier blocks were written.
+                rows when ``last`` is false or earlier blocks were written; or a whole
+                tensor's bytes in a file (:class:`FileRange`), copied as they are.
             last: Whether this completes the tensor.
 
         Raises:
@@ -301,6 +359,8 @@ class ShardedWriter:
         if self._next >= len(self._order):
             raise ValueError(f"unexpected tensor {name!r}: all planned tensors are written")
         shard_index, spec = self._order[self._next]
+        if isinstance(tensor, FileRange) and (self._partial or not last or tuple(tensor.shape) != spec.shape):
+            raise ValueError(f"tensor {name!r}: a file range must be the whole tensor {spec.shape}")
         rows_ok = tuple(tensor.shape) == spec.shape or (
             tensor.dim() == len(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
         )
@@ -309,7 +369,7 @@ class ShardedWriter:
                 f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match the plan "
                 f"({spec.name!r} {spec.shape} {spec.dtype})"
             )
-        data = tensor_bytes(tensor.cpu())
+        data = tensor if isinstance(tensor, FileRange) else tensor_bytes(tensor.cpu())
         with self._io(self.file_names[shard_index]):
             if shard_index != self._handle_index:
                 self._close_handle()
@@ -317,7 +377,12 @@ class ShardedWriter:
                 self._handle.write(safetensors_header(self.shards[shard_index]))
                 self._handle_index = shard_index
                 self._unsynced = self._synced_to = 0
-            self._handle.write(data)
+            if isinstance(data, FileRange):
+                self._handle.flush()
+                copy_file_range_into(data, self._handle.fileno())
+                self._handle.seek(0, os.SEEK_END)  # the copy moved the descriptor's position
+            else:
+                self._handle.write(data)
             self._unsynced += data.nbytes
             if self.sync_bytes and self._unsynced >= self.sync_bytes:
                 self._handle.flush()
@@ -450,8 +515,8 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="hubmerge-write", daemon=True)
         self._thread.start()
 
-    def write(self, name: str, tensor: torch.Tensor, last: bool = True, *, to: int = 0) -> None:
-        """Queue the next tensor (or block of rows) for :meth:`ShardedWriter.write`.
+    def write(self, name: str, tensor: torch.Tensor | FileRange, last: bool = True, *, to: int = 0) -> None:
+        """Queue the next tensor (or block of rows, or :class:`FileRange`) for :meth:`ShardedWriter.write`.
 
         Args:
             name: Tensor name.
@@ -462,7 +527,8 @@ class BackgroundWriter:
         Raises:
             Whatever an earlier write raised on the thread.
         """
-        nbytes = tensor.numel() * tensor.element_size()
+        # a file range holds no memory: it never counts towards max_pending
+        nbytes = 0 if isinstance(tensor, FileRange) else tensor.numel() * tensor.element_size()
         with self._cond:
             while self._error is None and self._pending and self._pending + nbytes > self.max_pending:
                 self._cond.wait()

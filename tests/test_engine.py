@@ -248,3 +248,36 @@ def test_background_writer_starts_writeback_of_contiguous_ranges(tmp_path, monke
     assert calls[0][0] == 0 and all(calls[i][0] == calls[i - 1][0] + calls[i - 1][1] for i in (1, 2))
     header = (tmp_path / "out" / "model.safetensors").stat().st_size - 6 * 25_600
     assert calls[0][1] == header + 51_200
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_file_range_copied_into_shard(tmp_path, monkeypatch, kernel_copy):
+    """A tensor handed to the writer as its bytes in an input file (a FlexMerge group of one) is
+    stored bit for bit, by ``os.copy_file_range`` or, where the kernel refuses it, through a buffer."""
+    import errno
+    import os
+
+    from hubmerge.checkpoint import Checkpoint
+    from hubmerge.writer import FileRange, ShardedWriter, TensorSpec
+
+    tensors = {"a": torch.randn(300, 7), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(5)}
+    save_file(tensors, tmp_path / "in.safetensors")
+    meta = Checkpoint(tmp_path, weights="in.safetensors").meta
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    out = ShardedWriter(tmp_path / "out", [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+                        shard_size=1 << 30)
+    for name in ("a", "b"):
+        m = meta[name]
+        out.write(name, FileRange(m.file, m.offset, m.nbytes, tuple(m.shape), m.dtype))
+    out.write("c", tensors["c"])
+    out.finish()
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(stored[n], t) for n, t in tensors.items())
+    with pytest.raises(ValueError, match="does not match the plan"):
+        bad = ShardedWriter(tmp_path / "bad", [TensorSpec("a", (300, 7), torch.float16)], shard_size=1 << 30)
+        m = meta["a"]
+        bad.write("a", FileRange(m.file, m.offset, m.nbytes, tuple(m.shape), m.dtype))
+    bad.abort()
