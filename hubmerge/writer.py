@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty
 
 
 def _load_sync_file_range():
-    if os.uname().sysname != "Linux":
+    if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's included
