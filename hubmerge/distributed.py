@@ -150,8 +150,26 @@ class ByteRange:
     nbytes: int
 
 
+class _ShardBytes:
+    """What a unit (:class:`Unit`, :class:`DeploymentUnit`) reads and writes, from its
+    ``reads`` byte ranges and ``specs``."""
+
+    reads: dict[str, tuple[ByteRange, ...]]
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes one pass over the unit reads (all inputs)."""
+        return sum(r.nbytes for ranges in self.reads.values() for r in ranges)
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of tensor data the unit writes."""
+        return sum(s.nbytes for s in self.specs)
+
+
 @dataclass(frozen=True)
-class Unit:
+class Unit(_ShardBytes):
     """One independent piece of a merge: an output shard.
 
     Attributes:
@@ -183,16 +201,6 @@ class Unit:
     def names(self) -> list[str]:
         """Tensor names in write order."""
         return [s.name for s in self.specs]
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes one merge pass over this unit reads (all inputs)."""
-        return sum(r.nbytes for ranges in self.reads.values() for r in ranges)
-
-    @property
-    def bytes_written(self) -> int:
-        """Bytes of tensor data the unit writes."""
-        return sum(s.nbytes for s in self.specs)
 
     def input_files(self) -> dict[str, list[str]]:
         """Input label to the files this unit reads (for fetching only those, or for a report)."""
@@ -1032,7 +1040,7 @@ def check_distributable(recipe: Recipe, method: Any, *, file: str | None = None)
 
 # -- FlexMerge deployments -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DeploymentUnit:
+class DeploymentUnit(_ShardBytes):
     """One shard of one FlexMerge deployment (a size): the write pass's unit.
 
     Attributes:
@@ -1066,15 +1074,6 @@ class DeploymentUnit:
         """The weights it reads, in order."""
         return list(dict.fromkeys(source[0] for source in self.sources))
 
-    @property
-    def bytes_read(self) -> int:
-        """Bytes the unit reads (all inputs)."""
-        return sum(r.nbytes for ranges in self.reads.values() for r in ranges)
-
-    @property
-    def bytes_written(self) -> int:
-        """Bytes of tensor data the unit writes."""
-        return sum(s.nbytes for s in self.specs)
 
 
 @dataclass(frozen=True)
@@ -1141,13 +1140,19 @@ def write_deployment_unit(ctx: UnitContext, unit: DeploymentUnit, work: GroupWor
     read = 0
     try:
         pooled = dtype if device.type == "cpu" else None  # as the local write pass reads
-        for fetched in prefetched(inputs, list(entries), pooled_dtype=pooled):
+        needed = {name: sorted({members for _, block, members in wanted if block})
+                  for name, wanted in entries.items()}
+
+        def experts_for(name: str) -> set[int]:  # only the members of the groups this unit stores
+            return merger.reads(name, needed[name], entries[name][0][0])
+
+        for fetched in prefetched(inputs, list(entries), pooled_dtype=pooled, experts_for=experts_for):
             wanted = entries[fetched.name]
             spec, block, _ = wanted[0]
             if not block:  # not merged: the base's tensor as is
                 outputs = {(): fetched.base.to(spec.dtype)}
             else:
-                outputs = merger.outputs(fetched, block, sorted({members for _, _, members in wanted}), spec)
+                outputs = merger.outputs(fetched, block, needed[fetched.name], spec)
             for stored, _, members in wanted:
                 writer.write(stored.name, outputs[members])
             del outputs

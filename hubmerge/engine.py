@@ -246,17 +246,12 @@ class Fetched:
     nbytes: int
     stacked: torch.Tensor | None = None  # experts' weights read in place (IN_BUFFER payloads)
     pool: BufferPool | None = None  # owner of reused memory that ``base``/``stacked`` may live in
+    unchanged: bool = False  # no expert changes the tensor: only the base was read (skip_unchanged)
 
     @property
     def name(self) -> str:
         """The tensor's name."""
         return self.item.name
-
-    @property
-    def unchanged(self) -> bool:
-        """Whether no expert changes the tensor (every task vector is zero)."""
-        return bool(self.expert_payloads) and self.stacked is None and \
-            all(p is None for p in self.expert_payloads)
 
     def payload(self, index: int) -> Any:
         """Expert ``index``'s payload: its row of :attr:`stacked` when it was read straight into it."""
@@ -282,7 +277,8 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
     floating = base_meta.dtype.is_floating_point
     if skip_unchanged and with_experts and not any(e.changes(item.name) for e in inputs.experts):
         base = inputs.base_checkpoint.get(item.name, item.rows)
-        return Fetched(item, base, [None] * len(inputs.experts), base.numel() * base_meta.dtype.itemsize)
+        return Fetched(item, base, [None] * len(inputs.experts), base.numel() * base_meta.dtype.itemsize,
+                       unchanged=True)
     pooled = with_experts and pool is not None and dtype is not None
     base_in_pool = pooled and pool_base and floating and (
         base_meta.dtype == dtype or dtype in _WIDER.get(base_meta.dtype, ()))
@@ -297,7 +293,9 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
             stacked = pool.take(slot, (len(inputs.experts), *shape), dtype)
     payloads: list[Any] = [None] * len(inputs.experts) if with_experts else []
     sizes = [0] * len(payloads)
-    same = [stacked is not None and base_in_pool and _same_bytes(inputs, e, item.name) for e in inputs.experts]
+    read = [wanted is None or i in wanted for i in range(len(payloads))]
+    same = [r and stacked is not None and base_in_pool and _same_bytes(inputs, e, item.name)
+            for r, e in zip(read, inputs.experts)]
 
     def read_base() -> int:
         nonlocal base
@@ -320,7 +318,7 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
             payload = expert.fetch(item.name, item.rows) if item.rows else expert.fetch(item.name)
             payloads[i], sizes[i] = payload, _payload_bytes(payload)
 
-    to_read = [i for i in range(len(payloads)) if not same[i] and (wanted is None or i in wanted)]
+    to_read = [i for i in range(len(payloads)) if read[i] and not same[i]]
     parallel = helpers is not None and len(to_read) > 1 and \
         math.prod(shape) * (len(to_read) + 1) * (dtype or base_meta.dtype).itemsize >= SPLIT_READ_BYTES
     if parallel:
@@ -334,7 +332,7 @@ def _fetch(inputs: MergeInputs, item: WorkItem, with_experts: bool, pool: Buffer
         for i in to_read:
             read_expert(i)
     for i in range(len(payloads)):
-        if same[i] and (wanted is None or i in wanted):  # the base's bytes: the same values as reading them again
+        if same[i]:  # the base's bytes: the same values as reading them again
             stacked[i].copy_(base)
             payloads[i], sizes[i] = IN_BUFFER, base.numel() * base_meta.dtype.itemsize
     nbytes += sum(sizes)

@@ -1069,7 +1069,6 @@ class _GroupMerger:
             outputs[members] = out
         return outputs
 
-
     def _in_blocks(self, fetched: Any, block: str, members: tuple[int, ...], base: torch.Tensor) -> bool:
         """Whether a group merges block by block of rows (:meth:`_merge_blocks`): an element-wise
         method, a tensor larger than one block, and members that are full fine-tunes whose weights
@@ -1207,15 +1206,16 @@ def _write_pass(inputs: MergeInputs, names: list[str], plans: list[DeploymentPla
     pooled = dtype if device.type == "cpu" else None  # experts read into reused buffers
     t_compute = t_io = 0.0
     done_bytes = 0
+    # every size's groups of each block, each computed once per tensor
+    needed = {block: sorted({m for plan in plans for m in plan.groups[block]}) for block in set(block_of.values())}
+
+    def experts_for(name: str) -> set[int]:
+        block = block_of.get(name)
+        return set() if block is None else merger.reads(name, needed[block], spec_of[name])
+
     background = BackgroundWriter([w.sharded for w in writers])
     try:
         with compute_threads(device):
-            def experts_for(name: str) -> set[int] | None:
-                if name not in block_of:
-                    return set()
-                needed = {m for plan in plans for m in plan.groups[block_of[name]]}
-                return merger.reads(name, sorted(needed), spec_of[name])
-
             for count, fetched in enumerate(prefetched(inputs, names, pooled_dtype=pooled,
                                                        experts_for=experts_for), 1):
                 name = fetched.name
@@ -1226,8 +1226,7 @@ def _write_pass(inputs: MergeInputs, names: list[str], plans: list[DeploymentPla
                     keys = [[(name, ())] for _ in plans]
                 else:
                     block = block_of[name]
-                    needed = sorted({m for plan in plans for m in plan.groups[block]})
-                    outputs = merger.outputs(fetched, block, needed, s)
+                    outputs = merger.outputs(fetched, block, needed[block], s)
                     keys = [[(tensor_key(name, m), m) for m in plan.groups[block]] for plan in plans]
                 t2 = time.perf_counter()
                 for index, plan_keys in enumerate(keys):

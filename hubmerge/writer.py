@@ -14,7 +14,6 @@ import collections
 import contextlib
 import ctypes
 import errno
-import ctypes.util
 import json
 import logging
 import math
@@ -31,47 +30,6 @@ import torch
 
 from .checkpoint import DTYPE_NAMES, dtype_size
 from .errors import OutputExistsError, OutputWriteError
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
-
-
-def _load_sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's included
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def start_writeback(fileno: int, offset: int, nbytes: int) -> None:
-    """Start writing a file's byte range to disk without waiting for it (Linux ``sync_file_range``).
-
-    The final ``fsync`` then has only the tail left to wait for, while the disk works in parallel
-    with the merge. Where the call is missing (macOS, Windows) this is ``fdatasync``, which waits.
-
-    Args:
-        fileno: An open file descriptor.
-        offset: First byte of the range.
-        nbytes: Length of the range.
-
-    Raises:
-        OSError: If the system call fails.
-    """
-    if _sync_file_range is None:
-        os.fdatasync(fileno) if hasattr(os, "fdatasync") else os.fsync(fileno)
-        return
-    if _sync_file_range(fileno, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +94,50 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str] | None 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's included
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fileno: int, offset: int, nbytes: int) -> None:
+    """Start writing a file's byte range to disk without waiting for it (Linux ``sync_file_range``).
+
+    The final ``fsync`` then has only the tail left to wait for, while the disk works in parallel
+    with the merge. Where the call is missing (macOS, Windows) this is ``fdatasync``, which waits.
+
+    Args:
+        fileno: An open file descriptor.
+        offset: First byte of the range.
+        nbytes: Length of the range.
+
+    Raises:
+        OSError: If the system call fails.
+    """
+    if _sync_file_range is None:
+        if hasattr(os, "fdatasync"):
+            os.fdatasync(fileno)
+        else:
+            os.fsync(fileno)
+        return
+    if _sync_file_range(fileno, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True)

@@ -204,14 +204,6 @@ class AdapterExpert(Expert):
             tau = delta if start is None else (start - base_w) + delta
         return tau.to(dtype=base.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return self.weights.nbytes
-
-    def close(self) -> None:
-        self.weights.close()
-
-    # -- helpers for subclasses --------------------------------------------------------
     def task_vector_into(self, name: str, fetched: Any, base: torch.Tensor, out: torch.Tensor) -> bool:
         plan = self.plan.get(name) if fetched is not None else None
         if plan is None or plan.update is None or plan.replace is not None or work_dtype(base.dtype) != base.dtype:
@@ -220,6 +212,14 @@ class AdapterExpert(Expert):
         plan.update.delta_into(base, tensors, out)  # shapes were checked against the base
         return True
 
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes
+
+    def close(self) -> None:
+        self.weights.close()
+
+    # -- helpers for subclasses --------------------------------------------------------
     @property
     def plan(self) -> dict[str, TensorPlan]:
         """Base tensor name to :class:`TensorPlan` (checks against the base first if needed)."""
