@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.hubmerge-installed
 
 .PHONY: venv demo test test-fast bench bench-accuracy bench-mergekit clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py plugins/_ckernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel: the range in pyproject.toml then installs nothing more
 	$(PY) -m pip install -q torch==2.13.0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from hubmerge_plugins._kernels import available as kernels_available
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import dir_bytes, gpt2_small_shapes, run_child, write_synthetic  # noqa: E402
@@ -60,6 +61,8 @@ def main() -> None:
         f"inputs read once: {read_bytes / 1e9:.2f} GB; output: {dir_bytes(base) / 1e9:.2f} GB",
         f"I/O floor (plain safetensors: read all inputs + write one output): {floor['wall']:.2f} s, "
         f"peak RSS {floor['peak_rss_mb']:.0f} MB",
+        f"TIES loops: {'compiled C kernels' if kernels_available() else 'torch (no compiled kernels)'}"
+        " (`HUBMERGE_KERNELS=torch` compares)",
         "",
         "| method | wall (s) | x floor | peak RSS (MB) | goal wall <= 1.5x floor | goal RSS <= 1.5 GB |",
         "|---|---|---|---|---|---|",
