@@ -46,7 +46,6 @@ _SMALL = 1 << 16  # per-tensor thresholds of smaller tensors by kthvalue (cheape
 _MERGE_BYTES = 4 << 20  # trimmed task vectors of one block of entries (all tasks), kept in cache
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # int16 index of a float32's high half
 _PARALLEL_MIN = 1 << 20  # entries per task from which a tensor's work is split over the worker threads
-_SAMPLE = 1 << 14  # magnitudes sampled to bracket a tensor's threshold (kernels)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -125,21 +124,16 @@ def tensor_thresholds(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
         # kthvalue counts from the smallest: the m-th largest is the (n - m + 1)-th smallest.
         return flat.kthvalue(n - m + 1, dim=1).values
 
-    if deltas.device.type != "cpu":
+    if deltas.device.type != "cpu" or _use_kernels(deltas):  # the two passes, on this tensor alone
         finder = GlobalThreshold(fraction, key="tensor")
         for pass_index in range(GlobalThreshold.passes):
             finder.finish_pass(pass_index, finder.observe(pass_index, deltas))
         return finder.require(count)
     m = keep_count(fraction, n)
-    if _use_kernels(deltas):
-        rows = deltas.reshape(count, -1).numpy()
 
-        def search(tasks: tuple[int, int]) -> list[torch.Tensor]:
-            return [_kernel_row_threshold(rows[t], m) for t in range(*tasks)]
-    else:
-        def search(tasks: tuple[int, int]) -> list[torch.Tensor]:  # each task's search is independent
-            bins = torch.empty(n, dtype=torch.int16)
-            return [_row_threshold(deltas[t], m, bins) for t in range(*tasks)]
+    def search(tasks: tuple[int, int]) -> list[torch.Tensor]:  # each task's search is independent
+        bins = torch.empty(n, dtype=torch.int16)
+        return [_row_threshold(deltas[t], m, bins) for t in range(*tasks)]
 
     workers = _worker_count() if n >= _PARALLEL_MIN else 1
     return torch.stack([v for part in _parallel_map(search, _split(count, workers)) for v in part])
@@ -182,18 +176,6 @@ def _use_kernels(deltas: torch.Tensor) -> bool:
     """Whether the compiled float32 kernels (:mod:`hubmerge_plugins._kernels`) handle ``deltas``."""
     return (deltas.device.type == "cpu" and deltas.dtype == torch.float32 and deltas.is_contiguous()
             and not deltas.requires_grad and _kernels.available())
-
-
-def _kernel_row_threshold(flat: np.ndarray, m: int) -> torch.Tensor:
-    """:class:`GlobalThreshold`'s two histogram passes on one task's entries (kernels)."""
-    high_hist = np.zeros(HIGH_BINS, dtype=np.int64)
-    _kernels.high_histogram(flat, high_hist)
-    high_bin, above = GlobalThreshold._find_from_top(
-        torch.from_numpy(high_hist), torch.zeros((), dtype=torch.int64), m)
-    low_hist = np.zeros(LOW_BINS, dtype=np.int64)
-    _kernels.low_histogram(flat, int(high_bin), low_hist)
-    low_bin, _ = GlobalThreshold._find_from_top(torch.from_numpy(low_hist), above, m)
-    return ((high_bin << 16) | low_bin).to(torch.int32).view(torch.float32)
 
 
 def _true_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -324,11 +306,11 @@ def _trimmed_ties(deltas: torch.Tensor, thresholds: torch.Tensor | None, scale: 
             merged.add_(base_flat)
         return merged.reshape(deltas.shape[1:])
     workers = _worker_count() if device.type == "cpu" and count * n >= 2 * _PARALLEL_MIN else 1
-    if _use_kernels(deltas):  # the same float32 operations in one compiled loop
+    if _use_kernels(deltas) and (base_flat is None or _use_kernels(base_flat)):  # one compiled loop
         rows = flat.numpy()
         limits_np = (thresholds.to(device="cpu", dtype=torch.float32).numpy() if thresholds is not None
                      else np.zeros(count, dtype=np.float32))  # |tau| >= 0 keeps every entry
-        base_np = base_flat.contiguous().numpy() if base_flat is not None else None
+        base_np = base_flat.numpy() if base_flat is not None else None
         out_np = merged.numpy()
         _parallel_map(lambda part: _kernels.ties_span(rows, limits_np, scale, base_np, out_np, *part),
                       _split(n, workers, _kernels.SPAN))
@@ -454,36 +436,31 @@ class GlobalThreshold:
         bins = HIGH_BINS if pass_index == 0 else LOW_BINS
         hist = torch.zeros((count, bins), dtype=torch.int64, device=deltas.device)
         size = min(n, _CHUNK)
-
         if _use_kernels(deltas):
             rows = deltas.reshape(count, -1).numpy()
             hist_np = hist.numpy()
 
-            def histogram(tasks: tuple[int, int]) -> None:
+            def histogram(tasks: tuple[int, int]) -> None:  # the compiled loops
                 for t in range(*tasks):
                     if pass_index == 0:
                         _kernels.high_histogram(rows[t], hist_np[t])
                     else:
                         _kernels.low_histogram(rows[t], int(self._high_bin[t]), hist_np[t])
-
-            parallel = n >= _PARALLEL_MIN
-            _parallel_map(histogram, _split(count, _worker_count() if parallel else 1))
-            return {f"{self.key}.high" if pass_index == 0 else f"{self.key}.low": hist}
-
-        def histogram(tasks: tuple[int, int]) -> None:
-            # |x|'s pattern is x's with the sign bit cleared: the high half's top bit.
-            high = torch.empty(size, dtype=torch.int16, device=deltas.device)
-            inside = torch.empty(size, dtype=torch.bool, device=deltas.device) if pass_index else None
-            for t in range(*tasks):
-                wanted = int(self._high_bin[t]) if pass_index else 0
-                for hi, lo in self._halves(deltas[t]):
-                    chunk_bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
-                    if pass_index == 0:
-                        hist[t] += torch.bincount(chunk_bins, minlength=HIGH_BINS)
-                        continue
-                    selected = torch.eq(chunk_bins, wanted, out=inside[:hi.numel()])
-                    low = lo[_true_positions(selected)].to(torch.int32).bitwise_and_(LOW_BINS - 1)
-                    hist[t] += torch.bincount(low, minlength=LOW_BINS)
+        else:
+            def histogram(tasks: tuple[int, int]) -> None:
+                # |x|'s pattern is x's with the sign bit cleared: the high half's top bit.
+                high = torch.empty(size, dtype=torch.int16, device=deltas.device)
+                inside = torch.empty(size, dtype=torch.bool, device=deltas.device) if pass_index else None
+                for t in range(*tasks):
+                    wanted = int(self._high_bin[t]) if pass_index else 0
+                    for hi, lo in self._halves(deltas[t]):
+                        chunk_bins = torch.bitwise_and(hi, HIGH_BINS - 1, out=high[:hi.numel()])
+                        if pass_index == 0:
+                            hist[t] += torch.bincount(chunk_bins, minlength=HIGH_BINS)
+                            continue
+                        selected = torch.eq(chunk_bins, wanted, out=inside[:hi.numel()])
+                        low = lo[_true_positions(selected)].to(torch.int32).bitwise_and_(LOW_BINS - 1)
+                        hist[t] += torch.bincount(low, minlength=LOW_BINS)
 
         parallel = deltas.device.type == "cpu" and n >= _PARALLEL_MIN
         _parallel_map(histogram, _split(count, _worker_count() if parallel else 1))
